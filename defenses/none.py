@@ -1,0 +1,15 @@
+"""The undefended baseline: the base model exactly as loaded."""
+
+from vlbench.api import Defense, defenses
+
+
+@defenses.register("none")
+class Undefended(Defense):
+    """No defense: every attack meets the base model's weights."""
+
+    paper = "-"
+    description = "the base model as is (no fine-tuning)"
+    trains = False
+
+    def fit(self, victim, progress: bool = True) -> dict:
+        return {}

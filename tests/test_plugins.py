@@ -1,0 +1,117 @@
+"""Plugin discovery: built-in folders, entry points, single files; broken plugins are skipped."""
+
+import textwrap
+
+import pytest
+
+from vlbench import api, plugins
+from vlbench.cli import main
+
+ATTACK_SOURCE = """
+from dataclasses import dataclass
+from vlbench.api import ImageAttack, attacks
+
+@attacks.register({name!r})
+class {cls}(ImageAttack):
+    paper = "Test et al. 2026"
+    description = "an attack from a {route}"
+
+    def perturb_images(self, victim, images, objective, generator):
+        return images
+"""
+
+
+def test_builtins_are_discovered():
+    plugins.load_all()
+    assert {"none", "pgd"} <= set(api.attacks.names())
+    assert {"none", "vanilla"} <= set(api.defenses.names())
+
+
+def test_single_file_plugin_via_cli(tmp_path, capsys):
+    path = tmp_path / "my_attack.py"
+    path.write_text(ATTACK_SOURCE.format(name="from-file", cls="FromFile", route="file"))
+    try:
+        assert main(["ls", "attacks", "--plugin", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "from-file" in out and "an attack from a file" in out and "pgd" in out
+    finally:
+        api.attacks.unregister("from-file")
+
+
+def test_broken_file_is_reported_and_others_still_load(tmp_path, capsys):
+    broken = tmp_path / "broken_attack.py"
+    broken.write_text("import not_a_real_module_xyz\n")
+    good = tmp_path / "good_attack.py"
+    good.write_text(ATTACK_SOURCE.format(name="still-loads", cls="StillLoads", route="file"))
+    try:
+        with pytest.warns(plugins.PluginWarning, match="not_a_real_module_xyz"):
+            assert main(["ls", "attacks", "--plugin", str(broken), "--plugin", str(good)]) == 0
+        assert "still-loads" in capsys.readouterr().out
+        assert any("broken_attack.py" in f.source for f in plugins.failures)
+    finally:
+        api.attacks.unregister("still-loads")
+
+
+def test_missing_plugin_file_is_a_user_error(tmp_path, capsys):
+    assert main(["ls", "attacks", "--plugin", str(tmp_path / "nope.py")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope.py" in err
+
+
+def _fake_distribution(root, entry_points: str, modules: dict[str, str]):
+    dist = root / "fake_vlbench_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-vlbench-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(source)
+
+
+def test_entry_point_plugins(tmp_path, monkeypatch):
+    _fake_distribution(
+        tmp_path,
+        """
+        [vlbench.attacks]
+        ep-attack = fake_ep_attack:EntryPointAttack
+        ep-broken = fake_ep_missing_module:Nothing
+        [vlbench.defenses]
+        ep-module = fake_ep_defense_module
+        ep-module-broken = fake_ep_defense_broken
+        """,
+        {
+            # A class entry point is registered lazily under the entry point's name.
+            "fake_ep_attack": "from vlbench.api import ImageAttack\n"
+                              "class EntryPointAttack(ImageAttack):\n"
+                              "    paper = 'EP 2026'\n    description = 'via entry point'\n",
+            # A module entry point registers itself with the decorator when imported.
+            "fake_ep_defense_module": "from vlbench.api import Defense, defenses\n"
+                                      "@defenses.register('ep-defense')\n"
+                                      "class EPDefense(Defense):\n    trains = False\n",
+            "fake_ep_defense_broken": "raise RuntimeError('this plugin is broken')\n",
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.warns(plugins.PluginWarning, match="this plugin is broken"):
+            plugins.load_entry_points("defenses")
+        plugins.load_entry_points("attacks")
+        assert "ep-defense" in api.defenses
+        cls = api.attacks.get("ep-attack")
+        assert cls.__name__ == "EntryPointAttack" and cls.description == "via entry point"
+        with pytest.raises(ModuleNotFoundError):
+            api.attacks.get("ep-broken")
+    finally:
+        for name in ("ep-attack", "ep-broken"):
+            api.attacks.unregister(name)
+        api.defenses.unregister("ep-defense")
+
+
+def test_unknown_plugin_parameter_is_a_user_error():
+    from vlbench.errors import UserError
+
+    with pytest.raises(UserError, match="no parameter 'epss'.*did you mean 'eps'"):
+        api.build("attacks", "pgd", {"epss": 4})
+    with pytest.raises(UserError, match="eps=300.0/255 is out of range"):
+        api.build("attacks", "pgd", {"eps": 300})
+    with pytest.raises(UserError, match="must be int"):
+        api.build("attacks", "pgd", {"steps": "ten"})

@@ -1,0 +1,183 @@
+"""The contracts a plugin implements: :class:`Attack` and :class:`Defense`.
+
+A plugin is a class registered by name, with a paper reference, a one-line description and a
+typed parameter set (a dataclass named ``Params`` whose defaults are the paper's)::
+
+    from dataclasses import dataclass
+    from vlbench.api import ImageAttack, attacks
+
+    @attacks.register("my-attack")
+    class MyAttack(ImageAttack):
+        \"\"\"What it does, with the paper and equation it follows.\"\"\"
+        paper = "Author et al., Venue Year"
+        description = "one line for `vlbench ls attacks`"
+
+        @dataclass
+        class Params:
+            eps: float = 4.0   # L-inf radius in 1/255 pixel units
+
+        def perturb_images(self, victim, images, objective, generator): ...
+
+Parameters are checked when the plugin is built from a config: an unknown key, a value of
+the wrong type or one out of range is a one-line :class:`~vlbench.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from .errors import UserError
+from .registry import Registry
+
+MODALITIES = ("none", "image", "text", "multimodal")
+
+
+class Plugin:
+    """What attacks and defenses share: a name, a reference, typed parameters."""
+
+    kind: ClassVar[str] = "plugin"
+    paper: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    @dataclasses.dataclass
+    class Params:
+        pass
+
+    def __init__(self, name: str, params: Any | None = None):
+        self.name = name
+        self.params = params if params is not None else self.Params()
+        self.validate()
+
+    @classmethod
+    def from_config(cls, name: str, options: dict[str, Any] | None) -> "Plugin":
+        return cls(name, coerce_params(cls.Params, options or {}, f"{cls.kind} {name!r}"))
+
+    def validate(self) -> None:
+        """Raise a :class:`UserError` for parameter values out of range."""
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dataclasses.asdict(self.params)}
+
+
+def coerce_params(params_cls: type, options: dict[str, Any], owner: str) -> Any:
+    """Build ``params_cls`` from a mapping, with one-line errors for bad keys and types."""
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    hints = typing.get_type_hints(params_cls)
+    values = {}
+    for key, value in options.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{owner} has no parameter {key!r}",
+                            f"{hint}its parameters are {', '.join(fields) or '(none)'}")
+        values[key] = _coerce(value, hints.get(key, Any), f"{owner} parameter {key!r}")
+    return params_cls(**values)
+
+
+def _coerce(value: Any, hint: Any, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        return type(value)(value) if origin is list else tuple(value)
+    if hint is Any or origin is typing.Union or origin is typing.Literal or hint is None:
+        return value
+    if origin in (list, tuple) and isinstance(value, str):
+        return [value] if origin is list else (value,)
+    name = getattr(hint, "__name__", str(hint))
+    raise UserError(f"{what} must be {name}, got {value!r}", "fix the value in the config")
+
+
+def check_range(owner: str, name: str, value: float, low: float, high: float, unit: str = "") -> None:
+    if not (low <= value <= high):
+        raise UserError(f"{owner} {name}={value}{unit} is out of range",
+                        f"use a value between {low} and {high}{unit}")
+
+
+# -- attacks ------------------------------------------------------------------------------
+class Objective(Protocol):
+    """What a task asks an attack to maximise, per sample (supplied by the task)."""
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss of the victim on ``images`` (higher is worse for the victim)."""
+
+    def correct(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-sample bool: does the victim still get the sample right?"""
+
+
+class Attack(Plugin):
+    """An attack: a threat model and a way to produce adversarial inputs."""
+
+    kind = "attack"
+    modality: ClassVar[str] = "image"
+    #: the tasks the attack is defined for; the planner skips the others with a reason
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "retrieval")
+
+    def threat_model(self) -> dict[str, Any]:
+        return {"modality": self.modality}
+
+    def skip_reason(self, task: str) -> str | None:
+        if task not in self.tasks:
+            return f"{self.name} is defined for {', '.join(self.tasks)} only, not {task}"
+        return None
+
+
+class ImageAttack(Attack):
+    """An attack on pixels: returns adversarial images in [0, 1]."""
+
+    modality = "image"
+
+    def perturb_images(self, victim, images: torch.Tensor, objective: Objective,
+                       generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NoAttack(Attack):
+    """The clean evaluation: the identity."""
+
+    modality = "none"
+
+
+# -- defenses -----------------------------------------------------------------------------
+class Defense(Plugin):
+    """A defense: how a robust model is made from a base model.
+
+    ``fit`` trains ``victim.model`` in place; the runner caches the resulting weights by
+    (base model, defense name and parameters, training data), so a defense trains once and
+    every attack and dataset reuses it. A defense that does not train sets ``trains = False``.
+    """
+
+    kind = "defense"
+    trains: ClassVar[bool] = True
+
+    def training_data(self) -> dict[str, Any]:
+        """A description of the training data, part of the checkpoint's cache key."""
+        return {}
+
+    def fit(self, victim, progress: bool = True) -> dict[str, Any]:
+        """Train ``victim`` in place; return a summary (losses, timings) for the record."""
+        raise NotImplementedError
+
+
+attacks: Registry[type[Attack]] = Registry("attack", base=Attack)
+defenses: Registry[type[Defense]] = Registry("defense", base=Defense)
+
+
+def registry_for(kind: str) -> Registry:
+    return {"attacks": attacks, "defenses": defenses}[kind]
+
+
+def build(kind: str, name: str, options: dict[str, Any] | None = None) -> Plugin:
+    """Instantiate the registered plugin ``name`` of ``kind`` ('attacks' or 'defenses')."""
+    from . import plugins
+
+    plugins.load_all()
+    cls = registry_for(kind).get(name)
+    return cls.from_config(name, options)

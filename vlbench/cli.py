@@ -1,0 +1,210 @@
+"""The ``vlbench`` command line.
+
+    vlbench run matrix [--config FILE] [--defenses A,B] [--attacks A,B] [--datasets A,B]
+                       [--limit N] [--out DIR] [--seed N] [--device cpu|cuda]
+    vlbench ls defenses|attacks|datasets
+    vlbench leaderboard RESULTS_DIR
+    vlbench world pretrain [--force]
+
+Bad input (unknown names, malformed YAML, missing data or checkpoints, out-of-range
+parameters) prints one line naming the problem and the fix and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+EPILOG = """examples:
+  vlbench run matrix                                   # the synthetic world, default matrix
+  vlbench run matrix --attacks none,pgd --limit 200    # a quick subset
+  vlbench run matrix --config configs/world.yaml --out runs/mine
+  vlbench ls attacks
+  vlbench leaderboard runs/world
+"""
+
+
+def _names(text: str) -> list[str]:
+    return [part for part in text.replace(" ", ",").split(",") if part]
+
+
+def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                        help="load a defense or attack from a single file (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlbench", description=__doc__.splitlines()[0].strip(),
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log skipped cells and cache activity")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run an evaluation")
+    run_kinds = run.add_subparsers(dest="what", required=True)
+    matrix = run_kinds.add_parser("matrix", help="defenses × attacks × datasets, one result file per cell",
+                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    matrix.add_argument("--config", type=Path, help="matrix YAML (default: the embedded world config)")
+    matrix.add_argument("--defenses", type=_names, help="comma-separated defense labels or names")
+    matrix.add_argument("--attacks", type=_names, help="comma-separated attack labels or names")
+    matrix.add_argument("--datasets", type=_names, help="comma-separated dataset names")
+    matrix.add_argument("--limit", type=int, help="evaluate a seeded, fixed subset of N samples")
+    matrix.add_argument("--out", type=Path, help="results folder (default from the config)")
+    matrix.add_argument("--seed", type=int)
+    matrix.add_argument("--device", help="cpu or cuda")
+    matrix.add_argument("--batch-size", type=int)
+    matrix.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32")
+    matrix.add_argument("--pretrained", help="open_clip pretrained tag or a checkpoint path")
+    matrix.add_argument("--data-root", type=Path, help="folder holding the datasets (or $VLBENCH_DATA)")
+    matrix.add_argument("--dataset-root", action="append", default=[], metavar="NAME=PATH",
+                        help="where one dataset lives (repeatable)")
+    matrix.add_argument("--no-cache", action="store_true", help="recompute embeddings")
+    matrix.add_argument("--no-progress", action="store_true")
+    _add_plugin_flag(matrix)
+
+    ls = commands.add_parser("ls", help="list registered defenses, attacks or datasets")
+    ls.add_argument("kind", choices=["defenses", "attacks", "datasets"])
+    _add_plugin_flag(ls)
+
+    board = commands.add_parser("leaderboard", help="write leaderboard CSV/Markdown/HTML from results")
+    board.add_argument("results_dir", type=Path)
+
+    world = commands.add_parser("world", help="the synthetic world")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    pretrain = world_commands.add_parser("pretrain", help="pretrain (or reuse) the world's tiny CLIP")
+    pretrain.add_argument("--force", action="store_true", help="pretrain again even if cached")
+    return parser
+
+
+def default_config_path() -> Path:
+    from .paths import builtin_root
+
+    return builtin_root() / "configs" / "world.yaml"
+
+
+def matrix_config(args: argparse.Namespace):
+    from .datasets import read_yaml
+    from .runner import MatrixConfig, select
+
+    path = args.config or default_config_path()
+    if args.config is not None and not args.config.is_file():
+        raise UserError(f"config file {args.config} does not exist", "check the --config path")
+    cfg = MatrixConfig.from_dict(read_yaml(path, "config"), str(path))
+    if args.defenses:
+        cfg.defenses = select(cfg.defenses, args.defenses)
+    if args.attacks:
+        cfg.attacks = select(cfg.attacks, args.attacks)
+    for key in ("datasets", "limit", "seed", "device", "batch_size", "model", "pretrained"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.out is not None:
+        cfg.out = str(args.out)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"device {cfg.device!r} requested but no CUDA GPU is available", "use --device cpu")
+    elif cfg.device != "cpu":
+        raise UserError(f"unknown device {cfg.device!r}", "use cpu or cuda[:N]")
+    return cfg
+
+
+def cmd_run_matrix(args: argparse.Namespace) -> int:
+    import os
+
+    from . import datasets, plugins
+    from .cache import EmbeddingCache
+    from .leaderboard import write_leaderboard
+    from .runner import run_matrix
+
+    if args.data_root:
+        os.environ["VLBENCH_DATA"] = str(args.data_root)
+    for item in args.dataset_root:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--dataset-root {item!r} is not NAME=PATH", "write e.g. --dataset-root cifar10=/data/cifar")
+        datasets.root_overrides[name] = Path(path)
+    plugins.load_files(args.plugin)
+    cfg = matrix_config(args)
+    plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache))
+    for d, a, name, reason in plan.skipped:
+        print(f"skipped {d} × {a} × {name}: {reason}", file=sys.stderr)
+    print(f"{len(plan.cells)} cells in {cfg.out}/cells", file=sys.stderr)
+    write_leaderboard(cfg.out, print_markdown=True)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    if args.kind == "datasets":
+        from .datasets import get_spec, dataset_names
+
+        rows = [(n, s.task, s.reference or "", s.description) for n in dataset_names() for s in [get_spec(n)]]
+        print(tabulate(rows, headers=["name", "task", "reference", "description"]))
+        return 0
+    from . import api, plugins
+
+    plugins.load_all(args.plugin)
+    registry = api.registry_for(args.kind)
+    rows = []
+    for name in registry.names():
+        try:
+            cls = registry.get(name)
+        except Exception as exc:  # a broken lazy plugin is reported, the rest still listed
+            warnings.warn(f"skipping plugin {name}: {type(exc).__name__}: {exc}", plugins.PluginWarning)
+            continue
+        if args.kind == "attacks":
+            model = f"{cls.modality}; {', '.join(cls.tasks)}"
+            rows.append((name, cls.paper, model, cls.description))
+        else:
+            rows.append((name, cls.paper, cls.description))
+    headers = ["name", "paper", "threat model; tasks", "description"] if args.kind == "attacks" \
+        else ["name", "paper", "description"]
+    print(tabulate(rows, headers=headers))
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import write_leaderboard
+
+    write_leaderboard(args.results_dir, print_markdown=True)
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    import json
+
+    from .world.pretrain import world_checkpoint
+
+    path = world_checkpoint(force=args.force)
+    print(path)
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        print(json.dumps(json.loads(sidecar.read_text()).get("metrics", {}), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    warnings.simplefilter("default")
+    handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world}
+    try:
+        return handlers[args.command](args)
+    except UserError as exc:
+        print(f"vlbench: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("vlbench: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Leaderboards from result files.
+
+``leaderboard.csv`` is the long table (one row per cell and metric: defense, attack, dataset,
+task, metric, value, n, subset_hash, ...). ``leaderboard.md`` and ``leaderboard.html`` pivot
+its headline metrics: defenses as rows; per dataset the clean metric and each attack's robust
+metric; then averages over the classification datasets. Values come from the results only.
+Where one column mixes results computed on different evaluation subsets, the column is
+marked and a footnote says so, so numbers from different subsets are never silently compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UserError
+from .io import atomic_write_text
+from .tasks import PRIMARY_METRICS
+
+log = logging.getLogger(__name__)
+LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "n", "subset_hash",
+                "seed", "cell", "created"]
+
+
+def read_results(results_dir: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            result = json.loads(path.read_text())
+            if "metrics" not in result or "cell" not in result:
+                continue
+        except (OSError, ValueError):
+            log.warning("skipping unreadable result %s", path)
+            continue
+        for metric, value in result["metrics"].items():
+            rows.append({"defense": result["defense"], "attack": result["attack"],
+                         "dataset": result["dataset"], "task": result["task"], "metric": metric,
+                         "value": float(value), "n": result["n"], "subset_hash": result["subset_hash"],
+                         "seed": result.get("seed"), "cell": result["cell"], "created": result.get("created")})
+    return pd.DataFrame(rows, columns=LONG_COLUMNS)
+
+
+def _order(values, preferred_first: str) -> list[str]:
+    unique = list(dict.fromkeys(values))
+    return sorted(unique, key=lambda v: (v != preferred_first, unique.index(v)))
+
+
+def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Defenses × (dataset, attack, metric) of headline metrics, plus averages; and footnotes."""
+    notes = []
+    headline = long[long.apply(lambda r: r["metric"] in PRIMARY_METRICS.get(r["task"], ()), axis=1)]
+    # Newest result wins when a cell was recomputed under the same labels.
+    headline = headline.sort_values("created").drop_duplicates(
+        ["defense", "attack", "dataset", "metric"], keep="last")
+    defenses = _order(headline["defense"], "none")
+    attacks = _order(headline["attack"], "none")
+    table = pd.DataFrame(index=defenses)
+    mixed = set()
+    for dataset in dict.fromkeys(headline["dataset"]):
+        rows = headline[headline["dataset"] == dataset]
+        if rows["subset_hash"].nunique() > 1:
+            mixed.add(dataset)
+        for attack in attacks:
+            for metric in PRIMARY_METRICS[rows["task"].iloc[0]]:
+                cells = rows[(rows["attack"] == attack) & (rows["metric"] == metric)]
+                if cells.empty:
+                    continue
+                label = "clean" if attack == "none" else attack
+                suffix = "" if metric == "top1" else f" {metric}"
+                column = f"{dataset}{suffix} {label}" + (" †" if dataset in mixed else "")
+                table[column] = cells.set_index("defense")["value"].reindex(defenses)
+    classification = headline[headline["task"] == "classification"]
+    if classification["dataset"].nunique() > 1:
+        for attack in attacks:
+            rows = classification[classification["attack"] == attack]
+            if rows.empty:
+                continue
+            counts = rows.groupby("defense")["dataset"].nunique()
+            means = rows.groupby("defense")["value"].mean()
+            complete = counts[counts == classification["dataset"].nunique()].index
+            label = "clean" if attack == "none" else attack
+            table[f"avg {label}"] = means.where(means.index.isin(complete)).reindex(defenses)
+    if mixed:
+        notes.append(f"† results in this column come from different evaluation subsets "
+                     f"({', '.join(sorted(mixed))}); rerun them on one subset before comparing")
+    table.index.name = "defense"
+    return table, notes
+
+
+def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> Path:
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(f"results folder {results_dir} does not exist",
+                        "pass the --out folder of a matrix run")
+    long = read_results(results_dir)
+    if long.empty:
+        raise UserError(f"no result files under {results_dir}", "run `vlbench run matrix` first")
+    atomic_write_text(results_dir / "leaderboard.csv", long.to_csv(index=False))
+    table, notes = pivot(long)
+    footer = "".join(f"\n{note}\n" for note in notes)
+    title = ("Top-1 accuracy (%) for classification, Recall@1 (%) for retrieval; "
+             "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n\n")
+    markdown = title + table.to_markdown(floatfmt=".1f") + "\n" + footer
+    atomic_write_text(results_dir / "leaderboard.md", markdown)
+    html = table.to_html(float_format=lambda v: f"{v:.1f}", na_rep="–")
+    atomic_write_text(results_dir / "leaderboard.html",
+                      "<!doctype html><meta charset='utf-8'><title>vlbench leaderboard</title>\n"
+                      f"<p>{title.strip()}</p>\n{html}\n" + "".join(f"<p>{n}</p>" for n in notes))
+    if print_markdown:
+        print(markdown)
+    return results_dir / "leaderboard.md"

@@ -1,0 +1,152 @@
+"""The victim model: an open_clip model that takes pixels in [0, 1].
+
+Images enter :class:`Victim` as float pixels in [0, 1] at the dataset's own resolution;
+resizing to the model's input size and mean/std normalisation happen inside the forward
+pass, so every attack's epsilon is in pixel units (as in TeCoA's ``clip_img_preprocessing``
+and FARE's model wrapper). :func:`load_victim` builds any open_clip architecture from a
+pretrained tag or a local checkpoint through open_clip's own factory, and the synthetic
+world's tiny CLIP from the user cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .io import tensor_fingerprint
+
+WORLD_MODEL = "vlbench-world"
+
+
+class Victim(nn.Module):
+    """Wraps an open_clip ``CLIP`` so that images are pixels in [0, 1]."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, pretrained: str | None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.pretrained = pretrained
+        size = getattr(model.visual, "image_size", 224)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+        std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._fingerprint: str | None = None
+
+    # -- encoders ---------------------------------------------------------------------------
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Resize to the model's input size and normalise; differentiable."""
+        if pixels.shape[-2:] != self.image_size:
+            pixels = F.interpolate(pixels, size=self.image_size, mode="bicubic", align_corners=False)
+        return (pixels - self.mean) / self.std
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.model.encode_image(self.preprocess(pixels))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.model.encode_text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised embeddings of raw strings, in batches, without gradients."""
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                chunks.append(self.encode_text(self.tokenize(texts[start:start + batch_size])))
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    # -- identity -----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A hash of the weights: the cache key of everything computed with this model."""
+        if self._fingerprint is None:
+            self._fingerprint = tensor_fingerprint(self.model.state_dict())
+        return self._fingerprint
+
+    def weights_changed(self) -> None:
+        """Call after training: the fingerprint is recomputed on next use."""
+        self._fingerprint = None
+
+
+def _offline_hint(name: str, tag: str) -> str:
+    import open_clip
+
+    try:
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+    except Exception:  # older open_clip: no per-tag config to point at
+        cfg = {}
+    hub = cfg.get("hf_hub") if isinstance(cfg, dict) else None
+    where = f"the Hugging Face cache entry of hf-hub:{hub.rstrip('/')}" if hub else "a local file"
+    return (f"download the {name}/{tag} weights on a connected machine into {where} "
+            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
+            f"or pass --pretrained /path/to/checkpoint.safetensors")
+
+
+def load_victim(name: str = WORLD_MODEL, pretrained: str | None = None,
+                device: str | torch.device = "cpu", allow_download: bool = False) -> Victim:
+    """Build the victim: an open_clip architecture with a pretrained tag or a checkpoint path.
+
+    With ``name == 'vlbench-world'`` and no ``pretrained``, the world's tiny CLIP is taken
+    from the cache (pretrained on first use).
+    """
+    import open_clip
+
+    if not allow_download:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .world.pretrain import register_world_model_config, world_checkpoint
+
+    register_world_model_config()
+    if name not in open_clip.list_models():
+        from .registry import Registry
+
+        known = Registry("model architecture")
+        for arch in open_clip.list_models():
+            known.register_lazy(arch, "builtins:object")
+        raise UserError(known.unknown_message(name), "pass an open_clip architecture to --model")
+    if name == WORLD_MODEL and pretrained in (None, "", "world"):
+        pretrained = str(world_checkpoint())
+
+    path = Path(pretrained).expanduser() if pretrained else None
+    is_file = path is not None and (path.suffix in {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
+                                    or os.sep in str(pretrained) or path.exists())
+    if is_file and not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist", "check the --pretrained path")
+    try:
+        model = open_clip.create_model(name, pretrained=str(path) if is_file else pretrained,
+                                       device=device, weights_only=True)
+    except UserError:
+        raise
+    except Exception as exc:  # open_clip raises many types; each becomes one line
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        if is_file:
+            raise UserError(f"unreadable checkpoint {path}: {reason}",
+                            "give a safetensors file or a torch state dict of this architecture") from None
+        tags = [t for arch, t in open_clip.list_pretrained() if arch == name]
+        if pretrained and pretrained not in tags:
+            raise UserError(f"unknown pretrained tag {pretrained!r} for {name}",
+                            f"use one of {tags or 'no tags: pass a checkpoint path'}") from None
+        raise UserError(f"weights for {name}/{pretrained} are not available offline ({reason})",
+                        _offline_hint(name, pretrained or "")) from None
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    return Victim(model, tokenizer, name, pretrained).to(device)

@@ -1,0 +1,29 @@
+"""Where vlbench keeps things: its cache directory and its built-in files.
+
+The built-in files (``datasets.yaml``, ``configs/``, ``defenses/``, ``attacks/``) sit at the
+top of a source checkout; an installed wheel carries the same tree as ``vlbench/builtin/``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def builtin_root() -> Path:
+    """The folder holding ``datasets.yaml``, ``configs/``, ``defenses/`` and ``attacks/``."""
+    installed = _PACKAGE_DIR / "builtin"
+    if (installed / "datasets.yaml").is_file():
+        return installed
+    return _PACKAGE_DIR.parent
+
+
+def cache_dir() -> Path:
+    """The user cache: ``$VLBENCH_CACHE``, else ``$XDG_CACHE_HOME/vlbench``, else ``~/.cache/vlbench``."""
+    explicit = os.environ.get("VLBENCH_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "vlbench"

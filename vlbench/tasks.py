@@ -1,0 +1,226 @@
+"""Evaluation tasks: zero-shot classification and image-text retrieval, clean and attacked.
+
+Zero-shot classification follows CLIP (Radford et al. 2021, §3.1.4) as used by TeCoA and
+CLIP_benchmark: each class's prompt embeddings (one per template) are L2-normalised, averaged
+and renormalised; logits are ``logit_scale * cos(image, class)``; the metric is top-1 accuracy.
+Retrieval reports Recall@{1,5,10} both ways with several captions per image: an image query
+is correct if any of its captions is in the top K, a caption query if its image is.
+
+Each task also supplies the objective an image attack maximises: cross-entropy over the
+task's logits for classification, and for retrieval the matching contrastive objective —
+the image→text InfoNCE loss over the gallery captions with all of the image's captions as
+positives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .api import Attack, ImageAttack, NoAttack
+from .cache import EmbeddingCache
+from .datasets import EvalData, subset_hash
+from .errors import UserError
+from .model import Victim
+
+RECALL_KS = (1, 5, 10)
+
+
+@dataclass
+class EvalContext:
+    victim: Victim
+    cache: EmbeddingCache
+    batch_size: int = 256
+    progress: bool = True
+
+
+def image_batches(data: EvalData, indices: list[int], batch_size: int,
+                  desc: str | None = None, progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stacked ``(images, targets)`` batches of ``data`` restricted to ``indices``."""
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
+        items = [data.images[i] for i in indices[start:start + batch_size]]
+        images = torch.stack([item[0] for item in items])
+        targets = torch.as_tensor([int(item[1]) for item in items])
+        yield images, targets
+
+
+def _data_key(ctx: EvalContext, data: EvalData, indices: list[int]) -> dict[str, Any]:
+    return {"model": ctx.victim.fingerprint(), "dataset": data.name, "split": data.spec.split,
+            "options": data.spec.options, "subset": subset_hash(data.name, data.spec.split, indices),
+            "transform": data.spec.transform_id()}
+
+
+def clean_image_embeddings(ctx: EvalContext, data: EvalData, indices: list[int]) -> torch.Tensor:
+    def compute() -> torch.Tensor:
+        chunks = []
+        with torch.no_grad():
+            for images, _ in image_batches(data, indices, ctx.batch_size, f"embed {data.name}", ctx.progress):
+                chunks.append(ctx.victim.encode_image(images.to(ctx.victim.device)).cpu())
+        return torch.cat(chunks)
+
+    return ctx.cache.get_or_compute({"kind": "image-embeddings", **_data_key(ctx, data, indices)}, compute)
+
+
+def classifier_weights(victim: Victim, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    """Zero-shot class embeddings [C, d]: normalise per prompt, average, renormalise."""
+    prompts = [template.format(c=name) for name in classnames for template in templates]
+    embeddings = victim.encode_texts(prompts).view(len(classnames), len(templates), -1)
+    return F.normalize(embeddings.mean(dim=1), dim=-1)
+
+
+def cached_classifier(ctx: EvalContext, data: EvalData) -> torch.Tensor:
+    key = {"kind": "classifier", "model": ctx.victim.fingerprint(), "classnames": data.classnames,
+           "templates": data.templates}
+    return ctx.cache.get_or_compute(
+        key, lambda: classifier_weights(ctx.victim, data.classnames, data.templates).cpu())
+
+
+class ClassificationObjective:
+    """Cross-entropy of ``logit_scale * cos(image, class)`` against the true class."""
+
+    def __init__(self, victim: Victim, weights: torch.Tensor, labels: torch.Tensor):
+        self.victim, self.weights, self.labels = victim, weights, labels
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.victim.logit_scale * self.victim.encode_image(images) @ self.weights.T
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(images), self.labels, reduction="none")
+
+    def correct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(images).argmax(dim=1) == self.labels
+
+
+class RetrievalObjective:
+    """Image→text InfoNCE over the gallery captions, with every own caption a positive."""
+
+    def __init__(self, victim: Victim, text_embeddings: torch.Tensor, positives: torch.Tensor):
+        self.victim, self.texts, self.positives = victim, text_embeddings, positives
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.victim.logit_scale * self.victim.encode_image(images) @ self.texts.T
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(images)
+        positive = logits.masked_fill(~self.positives, float("-inf"))
+        return torch.logsumexp(logits, dim=1) - torch.logsumexp(positive, dim=1)
+
+    def correct(self, images: torch.Tensor) -> torch.Tensor:
+        top = self.logits(images).argmax(dim=1)
+        return self.positives[torch.arange(len(top)), top]
+
+
+def _check_adversarial(attack: Attack, clean: torch.Tensor, adversarial: torch.Tensor) -> None:
+    # A plugin bug must not become a leaderboard number.
+    if adversarial.shape != clean.shape or not torch.isfinite(adversarial).all():
+        raise RuntimeError(f"attack {attack.name} returned images of shape {tuple(adversarial.shape)} "
+                           f"or non-finite pixels; expected {tuple(clean.shape)}")
+    if adversarial.min() < 0 or adversarial.max() > 1:
+        raise RuntimeError(f"attack {attack.name} returned pixels outside [0, 1]")
+
+
+def _adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int], attack: ImageAttack,
+                            make_objective, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of attacked images and per-sample success, batch by batch."""
+    victim = ctx.victim
+    embeddings, correct = [], []
+    desc = f"{attack.name} {data.name}"
+    for images, targets in image_batches(data, indices, ctx.batch_size, desc, ctx.progress):
+        images, targets = images.to(victim.device), targets.to(victim.device)
+        objective = make_objective(images, targets)
+        adversarial = attack.perturb_images(victim, images, objective, generator).detach()
+        _check_adversarial(attack, images, adversarial)
+        with torch.no_grad():
+            embeddings.append(victim.encode_image(adversarial).cpu())
+            correct.append(objective.correct(adversarial).cpu())
+    return torch.cat(embeddings), torch.cat(correct)
+
+
+def _unsupported(attack: Attack, task: str) -> UserError:
+    return UserError(f"attack {attack.name} has modality {attack.modality!r}, which the {task} task "
+                     "cannot run yet", "use an image attack")
+
+
+def evaluate_classification(ctx: EvalContext, data: EvalData, indices: list[int], attack: Attack,
+                            generator: torch.Generator) -> dict[str, float]:
+    weights = cached_classifier(ctx, data).to(ctx.victim.device)
+    clean = clean_image_embeddings(ctx, data, indices)
+    labels = _labels(data, indices)
+    clean_correct = ((clean.to(weights.device) @ weights.T).argmax(dim=1).cpu() == labels)
+    metrics = {"clean_top1": 100.0 * clean_correct.float().mean().item()}
+    if isinstance(attack, NoAttack):
+        metrics["top1"] = metrics["clean_top1"]
+    elif isinstance(attack, ImageAttack):
+        _, correct = _adversarial_embeddings(
+            ctx, data, indices, attack,
+            lambda images, targets: ClassificationObjective(ctx.victim, weights, targets), generator)
+        metrics["top1"] = 100.0 * correct.float().mean().item()
+    else:
+        raise _unsupported(attack, "classification")
+    return metrics
+
+
+def _labels(data: EvalData, indices: list[int]) -> torch.Tensor:
+    targets = getattr(data.images, "targets", None)
+    if targets is not None:
+        return torch.as_tensor([int(targets[i]) for i in indices])
+    return torch.as_tensor([int(data.images[i][1]) for i in indices])
+
+
+def recall_at_k(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                text_to_image: torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+    """Image→text and text→image Recall@K in percent (several captions per image)."""
+    similarity = image_embeddings @ text_embeddings.T  # [images, texts]
+    n_images, n_texts = similarity.shape
+    top = max(ks)
+    image_ranked = similarity.topk(min(top, n_texts), dim=1).indices          # [images, k]
+    text_ranked = similarity.T.topk(min(top, n_images), dim=1).indices        # [texts, k]
+    image_hits = text_to_image[image_ranked] == torch.arange(n_images)[:, None]
+    text_hits = text_ranked == text_to_image[:, None]
+    metrics = {}
+    for k in ks:
+        metrics[f"i2t_R@{k}"] = 100.0 * image_hits[:, :k].any(dim=1).float().mean().item()
+        metrics[f"t2i_R@{k}"] = 100.0 * text_hits[:, :k].any(dim=1).float().mean().item()
+    return metrics
+
+
+def evaluate_retrieval(ctx: EvalContext, data: EvalData, indices: list[int], attack: Attack,
+                       generator: torch.Generator) -> dict[str, float]:
+    texts = [caption for i in indices for caption in data.captions[i]]
+    text_to_image = torch.as_tensor([row for row, i in enumerate(indices) for _ in data.captions[i]])
+    key = {"kind": "caption-embeddings", **_data_key(ctx, data, indices)}
+    text_embeddings = ctx.cache.get_or_compute(key, lambda: ctx.victim.encode_texts(texts).cpu())
+    clean = clean_image_embeddings(ctx, data, indices)
+    metrics = {f"clean_{k}": v for k, v in recall_at_k(clean, text_embeddings, text_to_image).items()}
+    if isinstance(attack, NoAttack):
+        metrics.update(recall_at_k(clean, text_embeddings, text_to_image))
+    elif isinstance(attack, ImageAttack):
+        gallery = text_embeddings.to(ctx.victim.device)
+        row_of = {image: row for row, image in enumerate(indices)}
+        owner = text_to_image.to(ctx.victim.device)
+
+        def objective(images: torch.Tensor, targets: torch.Tensor) -> RetrievalObjective:
+            rows = torch.as_tensor([row_of[int(t)] for t in targets], device=owner.device)
+            return RetrievalObjective(ctx.victim, gallery, owner[None, :] == rows[:, None])
+
+        adversarial, _ = _adversarial_embeddings(ctx, data, indices, attack, objective, generator)
+        metrics.update(recall_at_k(adversarial, text_embeddings, text_to_image))
+    else:
+        raise _unsupported(attack, "retrieval")
+    return metrics
+
+
+EVALUATORS = {"classification": evaluate_classification, "retrieval": evaluate_retrieval}
+
+#: the headline metrics of each task, in leaderboard order
+PRIMARY_METRICS = {"classification": ("top1",), "retrieval": ("i2t_R@1", "t2i_R@1")}
+
+
+def evaluate(ctx: EvalContext, data: EvalData, indices: list[int], attack: Attack,
+             generator: torch.Generator) -> dict[str, float]:
+    return EVALUATORS[data.task](ctx, data, indices, attack, generator)
