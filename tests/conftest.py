@@ -55,3 +55,25 @@ def world_victim(world_checkpoint_path):
     victim = load_victim(WORLD_MODEL, str(world_checkpoint_path))
     victim.requires_grad_(False)
     return victim
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the end-to-end tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Slow end-to-end tests are deselected (not skipped) unless asked for: the default run
+    # stays within a few minutes and reports no skips.
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]

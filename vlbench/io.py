@@ -70,7 +70,7 @@ def tensor_fingerprint(tensors: dict[str, torch.Tensor] | Iterator[tuple[str, to
     digest = hashlib.sha256()
     items = tensors.items() if isinstance(tensors, dict) else tensors
     for name, tensor in sorted(items, key=lambda item: item[0]):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:length]

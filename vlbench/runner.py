@@ -11,6 +11,7 @@ with one line and writes nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import json
@@ -199,12 +200,11 @@ def library_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def obtain_model(cfg: MatrixConfig, defense: api.Defense, progress: bool) -> tuple[Victim, dict]:
-    """The base model with ``defense`` applied; trained weights are cached and reused."""
+def obtain_model(base: Victim, defense: api.Defense, progress: bool) -> tuple[Victim, dict]:
+    """A copy of ``base`` with ``defense`` applied; trained weights are cached and reused."""
     from safetensors.torch import load_file
 
-    victim = load_victim(cfg.model, cfg.pretrained, cfg.device)
-    victim.requires_grad_(False)
+    victim = copy.deepcopy(base)
     if not defense.trains:
         return victim, {"trained": False}
     key = {"base": victim.fingerprint(), "defense": defense.config(), "data": defense.training_data()}
@@ -251,13 +251,16 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
         stale.unlink(missing_ok=True)  # left by a run killed mid-write
     cache = cache or EmbeddingCache()
     revision, versions = code_revision(), library_versions()
+    base = load_victim(cfg.model, cfg.pretrained, cfg.device) if todo else None
+    if base is not None:
+        base.requires_grad_(False)
     bar = tqdm(total=len(todo), desc="cells", disable=not progress)
     by_defense: dict[str, list[Cell]] = {}
     for cell in todo:
         by_defense.setdefault(cell.defense_label, []).append(cell)
     for cells in by_defense.values():
         started = time.perf_counter()
-        victim, model_info = obtain_model(cfg, cells[0].defense, progress)
+        victim, model_info = obtain_model(base, cells[0].defense, progress)
         model_seconds = time.perf_counter() - started
         ctx = EvalContext(victim, cache, cfg.batch_size, progress)
         for cell in cells:

@@ -1,0 +1,73 @@
+"""The embedding cache: a second run reads instead of computing; damage is detected."""
+
+import torch
+from torch.utils.data import TensorDataset
+
+from vlbench.cache import EmbeddingCache
+from vlbench.datasets import DatasetSpec, EvalData
+from vlbench.tasks import EvalContext, cached_classifier, clean_image_embeddings
+
+
+def counting(value):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return value.clone()
+
+    return compute, calls
+
+
+def test_second_read_is_a_hit(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    compute, calls = counting(torch.arange(6.0).view(2, 3))
+    first = cache.get_or_compute({"k": 1}, compute)
+    second = cache.get_or_compute({"k": 1}, compute)
+    assert torch.equal(first, second) and len(calls) == 1
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_different_keys_do_not_collide(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    a = cache.get_or_compute({"k": 1}, lambda: torch.zeros(2))
+    b = cache.get_or_compute({"k": 2}, lambda: torch.ones(2))
+    assert not torch.equal(a, b)
+
+
+def test_truncated_entry_is_recomputed(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    compute, calls = counting(torch.randn(4, 8))
+    value = cache.get_or_compute({"k": "t"}, compute)
+    path = cache.path_for({"k": "t"})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    again = cache.get_or_compute({"k": "t"}, compute)
+    assert torch.equal(value, again) and len(calls) == 2
+    assert torch.equal(cache.get_or_compute({"k": "t"}, compute), value) and len(calls) == 2
+
+
+def test_garbage_entry_is_recomputed(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    compute, calls = counting(torch.randn(3))
+    path = cache.path_for({"k": "g"})
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a safetensors file at all")
+    cache.get_or_compute({"k": "g"}, compute)
+    assert len(calls) == 1 and cache.misses == 1
+
+
+def test_embeddings_are_keyed_by_model_weights_and_subset(tmp_path, tiny_victim):
+    images = torch.rand(10, 3, 32, 32)
+    data = EvalData(DatasetSpec("toy", "classification", "toy"), TensorDataset(images, torch.arange(10) % 2),
+                    ["cat", "dog"], ["a {c}."], None)
+    cache = EmbeddingCache(tmp_path)
+    ctx = EvalContext(tiny_victim, cache, batch_size=4, progress=False)
+    first = clean_image_embeddings(ctx, data, list(range(10)))
+    assert torch.allclose(first, tiny_victim.encode_image(images), atol=1e-5)
+    clean_image_embeddings(ctx, data, list(range(10)))
+    assert (cache.hits, cache.misses) == (1, 1)
+    clean_image_embeddings(ctx, data, list(range(5)))   # another subset: another entry
+    assert cache.misses == 2
+    cached_classifier(ctx, data)
+    cached_classifier(ctx, data)
+    assert cache.hits == 2

@@ -1,0 +1,61 @@
+"""Leaderboards from result files: long CSV, pivoted Markdown/HTML, subset mismatches flagged."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from vlbench.cli import main
+from vlbench.leaderboard import write_leaderboard
+
+
+def result(folder, defense, attack, dataset, task, metrics, subset="s1", n=100):
+    cell = f"{defense}__{attack}__{dataset}"
+    payload = {"schema": 1, "cell": cell, "defense": defense, "attack": attack, "dataset": dataset,
+               "task": task, "metrics": metrics, "n": n, "subset_hash": subset, "seed": 0,
+               "created": "2026-01-01T00:00:00+00:00"}
+    (folder / f"{cell}.json").write_text(json.dumps(payload))
+
+
+@pytest.fixture
+def results(tmp_path):
+    for defense, clean, robust in (("none", 90.0, 10.0), ("vanilla", 92.0, 5.0)):
+        for dataset in ("a", "b"):
+            result(tmp_path, defense, "none", dataset, "classification", {"top1": clean, "clean_top1": clean})
+            result(tmp_path, defense, "pgd", dataset, "classification", {"top1": robust, "clean_top1": clean})
+        result(tmp_path, defense, "none", "r", "retrieval", {"i2t_R@1": 60.0, "t2i_R@1": 50.0, "i2t_R@5": 80.0})
+    return tmp_path
+
+
+def test_long_csv_has_every_metric(results):
+    write_leaderboard(results)
+    long = pd.read_csv(results / "leaderboard.csv")
+    assert {"defense", "attack", "dataset", "task", "metric", "value", "n"} <= set(long.columns)
+    assert len(long) == 2 * (2 * 2 * 2 + 3)
+
+
+def test_markdown_pivots_defenses_by_dataset_and_attack(results, capsys):
+    assert main(["leaderboard", str(results)]) == 0
+    printed = capsys.readouterr().out
+    markdown = (results / "leaderboard.md").read_text()
+    assert markdown.strip() in printed
+    header = next(line for line in markdown.splitlines() if line.startswith("| defense"))
+    for column in ("a clean", "a pgd", "b clean", "b pgd", "r i2t_R@1 clean", "r t2i_R@1 clean",
+                   "avg clean", "avg pgd"):
+        assert column in header
+    none_row = next(line for line in markdown.splitlines() if line.startswith("| none"))
+    assert "90.0" in none_row and "10.0" in none_row
+    assert (results / "leaderboard.html").read_text().startswith("<!doctype html>")
+
+
+def test_different_subsets_are_flagged(results):
+    result(results, "vanilla", "pgd", "a", "classification", {"top1": 1.0, "clean_top1": 92.0}, subset="other")
+    write_leaderboard(results)
+    markdown = (results / "leaderboard.md").read_text()
+    assert "a pgd †" in markdown and "different evaluation subsets" in markdown
+
+
+def test_empty_or_missing_folder_is_a_user_error(tmp_path, capsys):
+    assert main(["leaderboard", str(tmp_path / "missing")]) == 2
+    assert main(["leaderboard", str(tmp_path)]) == 2
+    assert "no result files" in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""The victim wrapper and model loading through open_clip."""
+
+import pytest
+import torch
+
+from vlbench.errors import UserError
+from vlbench.model import WORLD_MODEL, load_victim
+
+
+def test_images_of_any_resolution_are_resized_inside(world_victim):
+    small = world_victim.encode_image(torch.rand(2, 3, 16, 16))
+    large = world_victim.encode_image(torch.rand(2, 3, 48, 48))
+    assert small.shape == large.shape
+    assert torch.allclose(small.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_gradients_reach_the_pixels(world_victim):
+    pixels = torch.rand(2, 3, 32, 32, requires_grad=True)
+    world_victim.encode_image(pixels).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
+def test_local_checkpoint_round_trip(tmp_path, world_victim):
+    state = world_victim.model.state_dict()
+    torch.save(state, tmp_path / "model.pt")
+    loaded = load_victim(WORLD_MODEL, str(tmp_path / "model.pt"))
+    assert loaded.fingerprint() == world_victim.fingerprint()
+
+
+def test_unknown_architecture_suggests(tmp_path):
+    with pytest.raises(UserError, match="did you mean 'ViT-B-32'"):
+        load_victim("ViT-B-23", "openai")
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_victim(WORLD_MODEL, str(tmp_path / "nowhere.safetensors"))
+
+
+def test_garbage_checkpoint_is_unreadable(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="unreadable checkpoint"):
+        load_victim(WORLD_MODEL, str(bad))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": Payload()}, evil)
+    with pytest.raises(UserError, match="unreadable checkpoint"):
+        load_victim(WORLD_MODEL, str(evil))
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_pretrained_tag_offline_says_where_to_put_weights():
+    with pytest.raises(UserError) as info:
+        load_victim("RN50", "openai")
+    message = str(info.value)
+    assert "not available offline" in message and "--pretrained" in message
+
+
+def test_unknown_pretrained_tag():
+    with pytest.raises(UserError, match="unknown pretrained tag 'nonsense'"):
+        load_victim("RN50", "nonsense")

@@ -1,0 +1,170 @@
+"""The matrix runner: one immutable result per cell, resume, SIGKILL safety, skips, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlbench import api
+from vlbench.cache import EmbeddingCache
+from vlbench.cli import main
+from vlbench.runner import MatrixConfig, PluginSpec, make_plan, run_matrix
+
+REQUIRED_KEYS = {"schema", "cell", "defense", "attack", "dataset", "task", "config", "metrics", "n",
+                 "subset_hash", "seed", "versions", "code_revision", "timings", "warnings"}
+
+
+def config(out, checkpoint, **overrides):
+    values = dict(pretrained=str(checkpoint), out=str(out), limit=60, batch_size=30,
+                  defenses=[PluginSpec("none", "none")],
+                  attacks=[PluginSpec("none", "none"), PluginSpec("pgd", "pgd", {"eps": 4, "steps": 3})],
+                  datasets=["world-colour", "world-retrieval"])
+    values.update(overrides)
+    return MatrixConfig(**values)
+
+
+def cell_files(out):
+    return sorted((Path(out) / "cells").glob("*.json"))
+
+
+def test_matrix_writes_one_result_per_cell_and_resumes(tmp_path, world_checkpoint_path):
+    cfg = config(tmp_path / "out", world_checkpoint_path)
+    run_matrix(cfg, progress=False, cache=EmbeddingCache(tmp_path / "cache"))
+    files = cell_files(cfg.out)
+    assert len(files) == 4
+    results = {(r["attack"], r["dataset"]): r for r in (json.loads(f.read_text()) for f in files)}
+    for result in results.values():
+        assert REQUIRED_KEYS <= set(result) and result["n"] == 60
+        assert result["config"]["attack"]["params"] or result["attack"] == "none"
+    clean = results[("none", "world-colour")]["metrics"]["top1"]
+    robust = results[("pgd", "world-colour")]["metrics"]["top1"]
+    assert robust < clean
+    assert {"i2t_R@1", "t2i_R@10", "clean_i2t_R@1"} <= set(results[("pgd", "world-retrieval")]["metrics"])
+
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    cache = EmbeddingCache(tmp_path / "cache")
+    plan = run_matrix(cfg, progress=False, cache=cache)
+    assert plan.todo() == [] and cache.misses == 0
+    assert {f: f.stat().st_mtime_ns for f in cell_files(cfg.out)} == stamps
+
+
+def test_subset_is_seeded_and_hashed(tmp_path, world_checkpoint_path):
+    a = config(tmp_path / "a", world_checkpoint_path, attacks=[PluginSpec("none", "none")], datasets=["world-size"])
+    b = config(tmp_path / "b", world_checkpoint_path, attacks=[PluginSpec("none", "none")], datasets=["world-size"],
+               seed=1)
+    run_matrix(a, progress=False)
+    run_matrix(b, progress=False)
+    ra, rb = (json.loads(cell_files(c.out)[0].read_text()) for c in (a, b))
+    assert ra["subset_hash"] != rb["subset_hash"] and ra["n"] == rb["n"] == 60
+    run_matrix(config(tmp_path / "c", world_checkpoint_path, attacks=[PluginSpec("none", "none")],
+                      datasets=["world-size"]), progress=False)
+    assert json.loads(cell_files(tmp_path / "c")[0].read_text())["subset_hash"] == ra["subset_hash"]
+
+
+def test_defense_trains_once_and_is_reused(tmp_path, world_checkpoint_path):
+    vanilla = PluginSpec("vanilla", "vanilla", {"steps": 4, "batch_size": 16, "warmup": 1})
+    first = config(tmp_path / "one", world_checkpoint_path, defenses=[vanilla],
+                   attacks=[PluginSpec("none", "none")], datasets=["world-colour", "world-shape"])
+    run_matrix(first, progress=False)
+    models = [json.loads(f.read_text())["model"] for f in cell_files(first.out)]
+    assert all(m["trained"] and not m["reused"] for m in models)
+    assert len({m["fingerprint"] for m in models}) == 1
+    second = config(tmp_path / "two", world_checkpoint_path, defenses=[vanilla], datasets=["world-colour"],
+                    attacks=[PluginSpec("pgd", "pgd", {"steps": 1})])
+    run_matrix(second, progress=False)
+    reused = json.loads(cell_files(second.out)[0].read_text())["model"]
+    assert reused["reused"] and reused["fingerprint"] == models[0]["fingerprint"]
+
+
+def test_inapplicable_cells_are_skipped_with_a_reason(tmp_path, world_checkpoint_path):
+    @api.attacks.register("classification-only-test")
+    class ClassificationOnly(api.ImageAttack):
+        tasks = ("classification",)
+
+        def perturb_images(self, victim, images, objective, generator):
+            return images
+
+    try:
+        cfg = config(tmp_path, world_checkpoint_path,
+                     attacks=[PluginSpec("classification-only-test", "co")])
+        plan = make_plan(cfg)
+        assert [c.dataset for c in plan.cells] == ["world-colour"]
+        assert plan.skipped[0][2] == "world-retrieval" and "classification only" in plan.skipped[0][3]
+    finally:
+        api.attacks.unregister("classification-only-test")
+
+
+def test_sigkill_loses_no_finished_cell_and_leaves_no_partial_file(tmp_path, world_checkpoint_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vlbench", "run", "matrix", "--pretrained", str(world_checkpoint_path),
+               "--defenses", "none", "--attacks", "none,pgd",
+               "--datasets", "world-shape,world-colour,world-size,world-position,world-texture",
+               "--limit", "150", "--batch-size", "50", "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.time() + 240
+    while time.time() < deadline and len(cell_files(out)) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = cell_files(out)
+    assert 2 <= len(finished) < 10, process.stderr.read().decode()[-2000:]
+    contents = {f: f.read_text() for f in finished}
+    assert all(json.loads(text)["schema"] == 1 for text in contents.values())
+
+    assert subprocess.run(command, capture_output=True, env=os.environ.copy()).returncode == 0
+    after = cell_files(out)
+    assert len(after) == 10
+    assert all(f.read_text() == text for f, text in contents.items())
+    assert not list((out / "cells").glob(".*"))
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------
+def run_cli(capsys, *args):
+    code = main(["run", "matrix", "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--defenses", "vanila"], "unknown defense 'vanila'; did you mean 'vanilla'"),
+    (["--attacks", "pgdd"], "unknown attack 'pgdd'; did you mean 'pgd'"),
+    (["--datasets", "world-colur"], "did you mean 'world-colour'"),
+    (["--datasets", "cifar10"], "dataset 'cifar10' not found"),
+    (["--limit", "0"], "--limit must be positive"),
+    (["--device", "cuda:3"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
+])
+def test_bad_names_and_values(tmp_path, capsys, world_checkpoint_path, monkeypatch, args, expected):
+    monkeypatch.setenv("VLBENCH_DATA", str(tmp_path / "no-data"))
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "--pretrained", str(world_checkpoint_path), "--out", str(out), *args)
+    assert code == 2 and expected in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_malformed_yaml_and_bad_eps_in_config(tmp_path, capsys):
+    out = tmp_path / "out"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("defenses: [none\nattacks: none\n")
+    code, err = run_cli(capsys, "--config", str(broken), "--out", str(out))
+    assert code == 2 and "malformed YAML" in err and "line" in err and "\n" not in err
+    eps = tmp_path / "eps.yaml"
+    eps.write_text("defenses: [none]\nattacks: [{pgd: {eps: 300}}]\ndatasets: [world-colour]\n")
+    code, err = run_cli(capsys, "--config", str(eps), "--out", str(out))
+    assert code == 2 and "eps=300.0/255 is out of range" in err
+    code, err = run_cli(capsys, "--config", str(tmp_path / "absent.yaml"))
+    assert code == 2 and "does not exist" in err
+    assert not out.exists()
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"not weights")
+    code, err = run_cli(capsys, "--pretrained", str(bad), "--out", str(tmp_path / "out"),
+                        "--datasets", "world-colour", "--attacks", "none", "--defenses", "none")
+    assert code == 2 and "unreadable checkpoint" in err and "\n" not in err
+    assert not list((tmp_path / "out").rglob("*.json"))
