@@ -103,12 +103,18 @@ def check_range(owner: str, name: str, value: float, low: float, high: float, un
 
 # -- attacks ------------------------------------------------------------------------------
 class Objective(Protocol):
-    """What a task asks an attack to maximise, per sample (supplied by the task)."""
+    """What a task asks an attack to maximise, per sample (supplied by the task).
 
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
+    ``rows`` optionally names which samples of the batch ``images`` holds (an attack may
+    keep working only on the samples that are still correct). Classification objectives
+    also offer ``logits(images)``, ``labels_for(rows)`` and ``num_classes`` for attacks with
+    margin losses.
+    """
+
+    def loss(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample loss of the victim on ``images`` (higher is worse for the victim)."""
 
-    def correct(self, images: torch.Tensor) -> torch.Tensor:
+    def correct(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample bool: does the victim still get the sample right?"""
 
 
@@ -122,6 +128,15 @@ class Attack(Plugin):
 
     def threat_model(self) -> dict[str, Any]:
         return {"modality": self.modality}
+
+    def note(self, message: str) -> None:
+        """Record something the cell's result should warn about (e.g. a fallback taken)."""
+        notes = self.__dict__.setdefault("notes", [])
+        if message not in notes:
+            notes.append(message)
+
+    def take_notes(self) -> list[str]:
+        return self.__dict__.pop("notes", [])
 
     def skip_reason(self, task: str) -> str | None:
         if task not in self.tasks:

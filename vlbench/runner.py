@@ -270,6 +270,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
             torch.manual_seed(_cell_seed(cfg.seed, cell))
             bar.set_postfix_str(cell.id.rsplit("__", 1)[0])
             t0 = time.perf_counter()
+            cell.attack.take_notes()
             metrics = evaluate(ctx, data, indices, cell.attack, generator)
             result = {
                 "schema": RESULT_SCHEMA, "cell": cell.id,
@@ -281,7 +282,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
                 "model": {"fingerprint": victim.fingerprint(), **model_info},
                 "timings": {"evaluate_s": round(time.perf_counter() - t0, 3),
                             "model_s": round(model_seconds, 3)},
-                "warnings": cell_warnings(cell.task, metrics),
+                "warnings": cell_warnings(cell.task, metrics) + cell.attack.take_notes(),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             }
             atomic_write_json(cell.path, result)

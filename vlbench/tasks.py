@@ -81,19 +81,33 @@ def cached_classifier(ctx: EvalContext, data: EvalData) -> torch.Tensor:
 
 
 class ClassificationObjective:
-    """Cross-entropy of ``logit_scale * cos(image, class)`` against the true class."""
+    """Cross-entropy of ``logit_scale * cos(image, class)`` against the true class.
+
+    ``rows`` (optional) says which samples of the batch ``images`` holds, for attacks that
+    work on a shrinking set of still-correct samples.
+    """
 
     def __init__(self, victim: Victim, weights: torch.Tensor, labels: torch.Tensor):
         self.victim, self.weights, self.labels = victim, weights, labels
 
+    @property
+    def num_classes(self) -> int:
+        return self.weights.shape[0]
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.victim.logit_scale * self.victim.encode_image(images) @ self.weights.T
 
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(images), self.labels, reduction="none")
+    def subset(self, rows: torch.Tensor) -> "ClassificationObjective":
+        return ClassificationObjective(self.victim, self.weights, self.labels[rows])
 
-    def correct(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(images).argmax(dim=1) == self.labels
+    def labels_for(self, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.labels if rows is None else self.labels[rows]
+
+    def loss(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(self.logits(images), self.labels_for(rows), reduction="none")
+
+    def correct(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(images).argmax(dim=1) == self.labels_for(rows)
 
 
 class RetrievalObjective:
@@ -105,14 +119,20 @@ class RetrievalObjective:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.victim.logit_scale * self.victim.encode_image(images) @ self.texts.T
 
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
+    def subset(self, rows: torch.Tensor) -> "RetrievalObjective":
+        return RetrievalObjective(self.victim, self.texts, self.positives[rows])
+
+    def _positives(self, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.positives if rows is None else self.positives[rows]
+
+    def loss(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.logits(images)
-        positive = logits.masked_fill(~self.positives, float("-inf"))
+        positive = logits.masked_fill(~self._positives(rows), float("-inf"))
         return torch.logsumexp(logits, dim=1) - torch.logsumexp(positive, dim=1)
 
-    def correct(self, images: torch.Tensor) -> torch.Tensor:
+    def correct(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         top = self.logits(images).argmax(dim=1)
-        return self.positives[torch.arange(len(top)), top]
+        return self._positives(rows)[torch.arange(len(top)), top]
 
 
 def _check_adversarial(attack: Attack, clean: torch.Tensor, adversarial: torch.Tensor) -> None:
@@ -133,7 +153,8 @@ def _adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int]
     for images, targets in image_batches(data, indices, ctx.batch_size, desc, ctx.progress):
         images, targets = images.to(victim.device), targets.to(victim.device)
         objective = make_objective(images, targets)
-        adversarial = attack.perturb_images(victim, images, objective, generator).detach()
+        with torch.enable_grad():
+            adversarial = attack.perturb_images(victim, images, objective, generator).detach()
         _check_adversarial(attack, images, adversarial)
         with torch.no_grad():
             embeddings.append(victim.encode_image(adversarial).cpu())

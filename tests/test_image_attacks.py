@@ -1,0 +1,131 @@
+"""What every image attack promises: inside its budget, pixels in [0,1], eps=0 is the
+identity, the same seed gives the same output, and it beats no attack."""
+
+import pytest
+import torch
+
+from vlbench import api, perturb
+from vlbench.tasks import ClassificationObjective, RetrievalObjective, classifier_weights
+
+CLASSES = ["red", "green", "blue", "round", "square", "big", "small", "tiny", "huge", "odd"]
+FAST = {"pgd": {"steps": 5}, "cw": {"steps": 5}, "apgd-ce": {"iterations": 10},
+        "apgd-t": {"iterations": 5, "n_target_classes": 3}, "autoattack": {"iterations": 5, "n_target_classes": 2}}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_victim):
+    torch.manual_seed(1)
+    images = torch.rand(24, 3, 32, 32)
+    weights = classifier_weights(tiny_victim, CLASSES, ["a {c} thing."])
+    with torch.no_grad():  # label every image with its clean prediction: all start correct
+        labels = (tiny_victim.encode_image(images) @ weights.T).argmax(dim=1)
+    return tiny_victim, images, ClassificationObjective(tiny_victim, weights, labels)
+
+
+def build(name, **params):
+    return api.build("attacks", name, {**FAST[name], **params})
+
+
+def run(attack, setup, seed=0):
+    victim, images, objective = setup
+    return attack.perturb_images(victim, images, objective, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(FAST))
+@pytest.mark.parametrize("eps", [2, 8])
+def test_within_linf_budget_and_box(setup, name, eps):
+    _, images, _ = setup
+    adversarial = run(build(name, eps=eps), setup)
+    assert (adversarial - images).abs().max() <= eps / 255 + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce"])
+def test_within_l2_budget(setup, name):
+    _, images, _ = setup
+    params = {"eps": 0.5, "norm": "L2"} | ({"step_size": 0.1} if name == "pgd" else {})
+    adversarial = run(build(name, **params), setup)
+    assert perturb.perturbation_norm(adversarial - images, "L2").max() <= 0.5 + 1e-5
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_eps_zero_changes_nothing(setup, name):
+    _, images, _ = setup
+    assert torch.equal(run(build(name, eps=0), setup), images)
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_same_seed_same_output(setup, name):
+    attack = build(name, eps=8)
+    assert torch.equal(run(attack, setup, seed=3), run(attack, setup, seed=3))
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_lowers_accuracy_and_raises_the_loss(setup, name):
+    victim, images, objective = setup
+    step = {"step_size": 4} if name in ("pgd", "cw") else {}
+    adversarial = run(build(name, eps=16, **step), setup)
+    with torch.no_grad():
+        assert objective.correct(adversarial).float().mean() < objective.correct(images).float().mean()
+        if name in ("pgd", "apgd-ce"):
+            assert objective.loss(adversarial).mean() > objective.loss(images).mean()
+
+
+def test_apgd_is_at_least_as_strong_as_pgd_at_equal_budget(setup):
+    _, _, objective = setup
+    pgd = objective.correct(run(build("pgd", eps=4, steps=10), setup).detach()).sum()
+    apgd = objective.correct(run(build("apgd-ce", eps=4, iterations=10), setup)).sum()
+    assert apgd <= pgd
+
+
+def test_autoattack_is_the_pointwise_worst_case(setup):
+    _, _, objective = setup
+    parts = [objective.correct(run(build(n, eps=2), setup)) for n in ("apgd-ce", "apgd-t")]
+    combined = objective.correct(run(build("autoattack", eps=2), setup))
+    assert combined.sum() <= (parts[0] & parts[1]).sum()
+
+
+def test_autoattack_result_names_its_components():
+    config = build("autoattack", eps=4).config()
+    assert [c["name"] for c in config["components"]] == ["apgd-ce", "apgd-t"]
+    assert config["components"][1]["params"]["n_target_classes"] == 2
+
+
+def test_apgd_t_falls_back_below_four_classes(tiny_victim):
+    images = torch.rand(8, 3, 32, 32)
+    weights = classifier_weights(tiny_victim, CLASSES[:3], ["a {c} thing."])
+    objective = ClassificationObjective(tiny_victim, weights, torch.zeros(8, dtype=torch.long))
+    attack = build("apgd-t", eps=8)
+    attack.perturb_images(tiny_victim, images, objective, torch.Generator().manual_seed(0))
+    notes = attack.take_notes()
+    assert any("targeted cross-entropy" in n for n in notes) and any("only 2 target" in n for n in notes)
+
+
+def test_pgd_restarts_only_help(setup):
+    _, _, objective = setup
+    one = objective.correct(run(build("pgd", eps=4, restarts=1), setup)).sum()
+    three = objective.correct(run(build("pgd", eps=4, restarts=3), setup)).sum()
+    assert three <= one
+
+
+def test_retrieval_objective_pgd(tiny_victim):
+    images = torch.rand(6, 3, 32, 32)
+    texts = tiny_victim.encode_texts([f"caption {i} {j}" for i in range(6) for j in range(2)])
+    owner = torch.arange(6).repeat_interleave(2)
+    objective = RetrievalObjective(tiny_victim, texts, owner[None, :] == torch.arange(6)[:, None])
+    adversarial = api.build("attacks", "pgd", {"eps": 8, "steps": 5}).perturb_images(
+        tiny_victim, images, objective, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert objective.loss(adversarial).mean() > objective.loss(images).mean()
+
+
+def test_margin_losses_against_their_formulas():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    y, t = torch.tensor([0]), torch.tensor([4])
+    assert perturb.cw_margin(logits, y, kappa=50).item() == pytest.approx(-(3.0 - 2.0))
+    # already wrong by more than κ: the margin is capped at -κ, so the loss stops growing
+    assert perturb.cw_margin(logits, torch.tensor([4]), kappa=0.5).item() == pytest.approx(0.5)
+    assert perturb.cw_margin(logits, torch.tensor([4]), kappa=50).item() == pytest.approx(4.0)
+    assert perturb.dlr(logits, y).item() == pytest.approx(-(3.0 - 2.0) / (3.0 - 1.0))
+    assert perturb.targeted_dlr(logits, y, t).item() == pytest.approx(-(3.0 + 1.0) / (3.0 - (1.0 + 0.0) / 2))

@@ -1,0 +1,197 @@
+"""The geometry image attacks share: L∞ / L2 balls in [0,1] pixel space, random starts,
+steepest-ascent directions, and the margin losses of the robustness literature.
+
+Losses take logits ``[B, C]`` and return one value per sample, to be *maximised*:
+
+- cross-entropy;
+- the Carlini–Wagner margin (Carlini & Wagner, S&P 2017, Eq. 6 ``f_6``, as PGD's loss in
+  TeCoA's ``attack_CW``): ``-max(z_y - max_{i≠y} z_i, -κ)``;
+- DLR (Croce & Hein, ICML 2020, Eq. 5): ``-(z_y - max_{i≠y} z_i) / (z_π1 - z_π3)``;
+- targeted DLR (ibid., Eq. 6): ``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2)``;
+  with π the logits sorted in decreasing order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .api import ImageAttack, check_range
+from .errors import UserError
+
+NORMS = ("Linf", "L2")
+_TINY = 1e-12
+
+
+def _flat_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def project(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Project a perturbation onto the ``norm`` ball of radius ``eps``."""
+    if norm == "Linf":
+        return delta.clamp(-eps, eps)
+    scale = (eps / (_flat_norm(delta) + _TINY)).clamp(max=1.0)
+    return delta * scale
+
+
+def into_box(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The part of ``delta`` that keeps ``images + delta`` inside [0, 1]."""
+    return (images + delta).clamp(0, 1) - images
+
+
+def random_start(images: torch.Tensor, norm: str, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """A random perturbation inside the ball (uniform per pixel for L∞, uniform in the L2 ball)."""
+    shape = images.shape
+    if norm == "Linf":
+        delta = (torch.rand(shape, generator=generator) * 2 - 1) * eps
+    else:
+        direction = torch.randn(shape, generator=generator)
+        direction = direction / (_flat_norm(direction) + _TINY)
+        dims = images[0].numel()
+        radius = torch.rand(shape[0], generator=generator) ** (1.0 / dims) * eps
+        delta = direction * radius.view(-1, *([1] * (len(shape) - 1)))
+    return into_box(images, delta.to(images.device, images.dtype))
+
+
+def ascent_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of unit ``norm`` for a gradient."""
+    if norm == "Linf":
+        return gradient.sign()
+    return gradient / (_flat_norm(gradient) + _TINY)
+
+
+def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    return delta.flatten(1).abs().amax(dim=1) if norm == "Linf" else delta.flatten(1).norm(dim=1)
+
+
+# -- losses on logits (per sample, higher = worse for the model) ----------------------------
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def _true_and_best_other(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return true, others.amax(dim=1)
+
+
+def cw_margin(logits: torch.Tensor, labels: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    true, other = _true_and_best_other(logits, labels)
+    return -(true - other).clamp(min=-kappa)
+
+
+def dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] < 3:
+        raise ValueError("the DLR loss needs at least 3 classes")
+    ranked = logits.sort(dim=1, descending=True).values
+    true, other = _true_and_best_other(logits, labels)
+    return -(true - other) / (ranked[:, 0] - ranked[:, 2] + _TINY)
+
+
+def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] < 4:
+        raise ValueError("the targeted DLR loss needs at least 4 classes")
+    ranked = logits.sort(dim=1, descending=True).values
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    target = logits.gather(1, targets[:, None]).squeeze(1)
+    return -(true - target) / (ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + _TINY)
+
+
+def targeted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Move towards ``targets``: the negative cross-entropy of the target class."""
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def projected_gradient_ascent(images: torch.Tensor, loss_fn, correct_fn, norm: str, eps: float,
+                              step_size: float, steps: int, restarts: int, random_init: bool,
+                              generator: torch.Generator) -> torch.Tensor:
+    """PGD (Madry et al., ICLR 2018, §2) on ``loss_fn`` with restarts.
+
+    Each restart runs from a fresh random start on the samples ``correct_fn`` still reports
+    correct; a sample keeps the first restart that breaks it, otherwise the restart with the
+    highest final loss. ``loss_fn(images, rows)`` and ``correct_fn(images, rows)`` evaluate the
+    given rows of the batch. The last iterate of each restart is its result (no best-iterate
+    tracking, as TeCoA's PGD).
+    """
+    if eps == 0 or steps == 0 and not random_init:
+        return images.clone()
+    best = images.clone()
+    best_loss = torch.full((len(images),), float("-inf"), device=images.device)
+    active = torch.arange(len(images), device=images.device)
+    for restart in range(max(1, restarts)):
+        if restart > 0:
+            with torch.no_grad():
+                still = correct_fn(best[active], active)
+            active = active[still]
+            if len(active) == 0:
+                break
+        x = images[active]
+        delta = random_start(x, norm, eps, generator) if random_init else torch.zeros_like(x)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            (gradient,) = torch.autograd.grad(loss_fn(x + delta, active).sum(), delta)
+            delta = delta.detach() + step_size * ascent_direction(gradient, norm)
+            delta = into_box(x, project(delta, norm, eps))
+        if restarts <= 1:
+            return (x + delta).detach()
+        with torch.no_grad():
+            candidate = x + delta
+            loss = loss_fn(candidate, active)
+            broken = ~correct_fn(candidate, active)
+        better = broken | (loss > best_loss[active])
+        best[active[better]] = candidate[better]
+        best_loss[active[better]] = loss[better]
+    return best.detach()
+
+
+class ProjectedGradientAttack(ImageAttack):
+    """Base of the PGD family: parameters, threat model and loop; subclasses choose the loss.
+
+    For L∞, ``eps`` and ``step_size`` are in 1/255 pixel units; for L2 they are plain L2
+    norms in [0,1] pixel space.
+    """
+
+    @dataclass
+    class Params:
+        eps: float = 4.0         # L∞: in 1/255; L2: the L2 radius in [0,1] pixel units
+        steps: int = 10
+        step_size: float = 1.0   # α, same units as eps
+        norm: str = "Linf"
+        restarts: int = 1
+        random_start: bool = True
+
+    def validate(self) -> None:
+        owner = f"attack {self.name}"
+        if self.params.norm not in NORMS:
+            raise UserError(f"{owner} norm {self.params.norm!r} is not supported", f"use one of {NORMS}")
+        unit = "/255" if self.params.norm == "Linf" else ""
+        high = 255 if self.params.norm == "Linf" else 1000
+        check_range(owner, "eps", self.params.eps, 0, high, unit)
+        check_range(owner, "step_size", self.params.step_size, 0, high, unit)
+        check_range(owner, "steps", self.params.steps, 0, 100_000)
+        check_range(owner, "restarts", self.params.restarts, 1, 1000)
+
+    def radius(self) -> tuple[float, float]:
+        """``(eps, step_size)`` in [0,1] pixel units."""
+        scale = 1 / 255 if self.params.norm == "Linf" else 1.0
+        return self.params.eps * scale, self.params.step_size * scale
+
+    def threat_model(self) -> dict:
+        eps, _ = self.radius()
+        model = {"modality": "image", "norm": self.params.norm, "eps": eps}
+        if self.params.norm == "Linf":
+            model["eps_255"] = self.params.eps
+        return model
+
+    def loss(self, objective, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def perturb_images(self, victim, images: torch.Tensor, objective, generator: torch.Generator) -> torch.Tensor:
+        eps, step_size = self.radius()
+        return projected_gradient_ascent(
+            images, lambda x, rows: self.loss(objective, x, rows), objective.correct,
+            self.params.norm, eps, step_size, self.params.steps, self.params.restarts,
+            self.params.random_start, generator)
