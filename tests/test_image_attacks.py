@@ -9,7 +9,8 @@ from vlbench.tasks import ClassificationObjective, RetrievalObjective, classifie
 
 CLASSES = ["red", "green", "blue", "round", "square", "big", "small", "tiny", "huge", "odd"]
 FAST = {"pgd": {"steps": 5}, "cw": {"steps": 5}, "apgd-ce": {"iterations": 10},
-        "apgd-t": {"iterations": 5, "n_target_classes": 3}, "autoattack": {"iterations": 5, "n_target_classes": 2}}
+        "apgd-t": {"iterations": 5, "n_target_classes": 3}, "autoattack": {"iterations": 5, "n_target_classes": 2},
+        "square": {"queries": 100}}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,11 @@ def test_lowers_accuracy_and_raises_the_loss(setup, name):
     step = {"step_size": 4} if name in ("pgd", "cw") else {}
     adversarial = run(build(name, eps=16, **step), setup)
     with torch.no_grad():
+        if name == "square":  # black-box: on this random model 100 queries shrink margins, not flip them
+            true = objective.logits(adversarial).gather(1, objective.labels[:, None])
+            clean = objective.logits(images).gather(1, objective.labels[:, None])
+            assert (true - clean).mean() < 0
+            return
         assert objective.correct(adversarial).float().mean() < objective.correct(images).float().mean()
         if name in ("pgd", "apgd-ce"):
             assert objective.loss(adversarial).mean() > objective.loss(images).mean()
@@ -129,3 +135,15 @@ def test_margin_losses_against_their_formulas():
     assert perturb.cw_margin(logits, torch.tensor([4]), kappa=50).item() == pytest.approx(4.0)
     assert perturb.dlr(logits, y).item() == pytest.approx(-(3.0 - 2.0) / (3.0 - 1.0))
     assert perturb.targeted_dlr(logits, y, t).item() == pytest.approx(-(3.0 + 1.0) / (3.0 - (1.0 + 0.0) / 2))
+
+
+def test_square_schedule_follows_the_reference():
+    from importlib import import_module
+
+    from vlbench import api as vlapi
+
+    module = import_module(vlapi.attacks.get("square").__module__)
+    assert module.area_fraction(0.8, 1, 10000) == pytest.approx(0.8)
+    assert module.area_fraction(0.8, 11, 10000) == pytest.approx(0.4)
+    assert module.area_fraction(0.8, 2500, 5000) == pytest.approx(0.8 / 128)
+    assert module.area_fraction(0.8, 9000, 10000) == pytest.approx(0.8 / 512)
