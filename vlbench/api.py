@@ -154,6 +154,29 @@ class ImageAttack(Attack):
         raise NotImplementedError
 
 
+class TextObjective(Protocol):
+    """What a task asks a text attack to maximise (supplied by the task).
+
+    ``texts`` are the clean texts the attack may change (class prompts for classification,
+    captions for retrieval); ``score(candidates, row)`` rates replacement texts for
+    ``texts[row]`` in one batch, higher being worse for the victim.
+    """
+
+    texts: list[str]
+
+    def score(self, candidates: list[str], row: int) -> torch.Tensor:
+        ...
+
+
+class TextAttack(Attack):
+    """An attack on words: returns one perturbed text per clean text."""
+
+    modality = "text"
+
+    def perturb_texts(self, victim, objective: TextObjective, generator: torch.Generator) -> list[str]:
+        raise NotImplementedError
+
+
 class NoAttack(Attack):
     """The clean evaluation: the identity."""
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .api import Attack, ImageAttack, NoAttack
+from .api import Attack, ImageAttack, NoAttack, TextAttack
 from .cache import EmbeddingCache
 from .datasets import EvalData, subset_hash
 from .errors import UserError
@@ -66,11 +66,20 @@ def clean_image_embeddings(ctx: EvalContext, data: EvalData, indices: list[int])
     return ctx.cache.get_or_compute({"kind": "image-embeddings", **_data_key(ctx, data, indices)}, compute)
 
 
+def class_prompts(classnames: list[str], templates: list[str]) -> list[str]:
+    """Every class × template prompt, class-major."""
+    return [template.format(c=name) for name in classnames for template in templates]
+
+
+def weights_from_prompt_embeddings(embeddings: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Average each class's normalised prompt embeddings and renormalise: [C, d]."""
+    return F.normalize(embeddings.view(n_classes, -1, embeddings.shape[-1]).mean(dim=1), dim=-1)
+
+
 def classifier_weights(victim: Victim, classnames: list[str], templates: list[str]) -> torch.Tensor:
     """Zero-shot class embeddings [C, d]: normalise per prompt, average, renormalise."""
-    prompts = [template.format(c=name) for name in classnames for template in templates]
-    embeddings = victim.encode_texts(prompts).view(len(classnames), len(templates), -1)
-    return F.normalize(embeddings.mean(dim=1), dim=-1)
+    embeddings = victim.encode_texts(class_prompts(classnames, templates))
+    return weights_from_prompt_embeddings(embeddings, len(classnames))
 
 
 def cached_classifier(ctx: EvalContext, data: EvalData) -> torch.Tensor:
@@ -135,6 +144,45 @@ class RetrievalObjective:
         return self._positives(rows)[torch.arange(len(top)), top]
 
 
+class EmbeddingShiftObjective:
+    """Untargeted, image-free text objective of Co-Attack's ``BertAttack`` (the one MMCoA
+    uses on class prompts): KL(softmax(g(t)) ‖ softmax(g(t'))) over embedding dimensions of
+    the normalised clean and candidate text embeddings."""
+
+    def __init__(self, victim: Victim, texts: list[str], clean_embeddings: torch.Tensor):
+        self.victim, self.texts = victim, texts
+        self.clean_log_probs = F.log_softmax(clean_embeddings, dim=-1)
+
+    def score(self, candidates: list[str], row: int) -> torch.Tensor:
+        log_q = F.log_softmax(self.victim.encode_texts(candidates).to(self.clean_log_probs.device), dim=-1)
+        log_p = self.clean_log_probs[row]
+        return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+class ImageGuidedTextObjective:
+    """SGA's image-guided text objective: the negative cosine between the candidate caption
+    and the embedding of the image it describes (Lu et al., ICCV 2023, §3.3)."""
+
+    def __init__(self, victim: Victim, texts: list[str], paired_image_embeddings: torch.Tensor):
+        self.victim, self.texts, self.images = victim, texts, paired_image_embeddings
+
+    def score(self, candidates: list[str], row: int) -> torch.Tensor:
+        return -(self.victim.encode_texts(candidates).to(self.images.device) @ self.images[row])
+
+
+def _attack_texts(attack: TextAttack, ctx: EvalContext, objective, generator) -> list[str]:
+    adversarial = attack.perturb_texts(ctx.victim, objective, generator)
+    if len(adversarial) != len(objective.texts) or not all(isinstance(t, str) for t in adversarial):
+        raise RuntimeError(f"attack {attack.name} returned {len(adversarial)} texts for {len(objective.texts)}")
+    return adversarial
+
+
+def _words_changed(clean: list[str], adversarial: list[str]) -> float:
+    from .words import changed_words
+
+    return float(max((changed_words(a, b) for a, b in zip(clean, adversarial)), default=0))
+
+
 def _check_adversarial(attack: Attack, clean: torch.Tensor, adversarial: torch.Tensor) -> None:
     # A plugin bug must not become a leaderboard number.
     if adversarial.shape != clean.shape or not torch.isfinite(adversarial).all():
@@ -164,7 +212,7 @@ def _adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int]
 
 def _unsupported(attack: Attack, task: str) -> UserError:
     return UserError(f"attack {attack.name} has modality {attack.modality!r}, which the {task} task "
-                     "cannot run yet", "use an image attack")
+                     "cannot run", "use an image or text attack")
 
 
 def evaluate_classification(ctx: EvalContext, data: EvalData, indices: list[int], attack: Attack,
@@ -181,6 +229,14 @@ def evaluate_classification(ctx: EvalContext, data: EvalData, indices: list[int]
             ctx, data, indices, attack,
             lambda images, targets: ClassificationObjective(ctx.victim, weights, targets), generator)
         metrics["top1"] = 100.0 * correct.float().mean().item()
+    elif isinstance(attack, TextAttack):
+        prompts = class_prompts(data.classnames, data.templates)
+        objective = EmbeddingShiftObjective(ctx.victim, prompts, ctx.victim.encode_texts(prompts))
+        adversarial = _attack_texts(attack, ctx, objective, generator)
+        attacked = weights_from_prompt_embeddings(ctx.victim.encode_texts(adversarial), len(data.classnames))
+        correct = (clean.to(attacked.device) @ attacked.T).argmax(dim=1).cpu() == labels
+        metrics["top1"] = 100.0 * correct.float().mean().item()
+        metrics["max_words_changed"] = _words_changed(prompts, adversarial)
     else:
         raise _unsupported(attack, "classification")
     return metrics
@@ -231,6 +287,12 @@ def evaluate_retrieval(ctx: EvalContext, data: EvalData, indices: list[int], att
 
         adversarial, _ = _adversarial_embeddings(ctx, data, indices, attack, objective, generator)
         metrics.update(recall_at_k(adversarial, text_embeddings, text_to_image))
+    elif isinstance(attack, TextAttack):
+        objective = ImageGuidedTextObjective(ctx.victim, texts, clean[text_to_image].to(ctx.victim.device))
+        adversarial = _attack_texts(attack, ctx, objective, generator)
+        attacked = ctx.victim.encode_texts(adversarial).cpu()
+        metrics.update(recall_at_k(clean, attacked, text_to_image))
+        metrics["max_words_changed"] = _words_changed(texts, adversarial)
     else:
         raise _unsupported(attack, "retrieval")
     return metrics

@@ -1,0 +1,70 @@
+"""DeepWordBug: character-level edits of the most important words.
+
+Gao, Lanchantin, Soffa, Qi, "Black-box Generation of Adversarial Text Sequences to Evade Deep
+Learning Classifiers", IEEE S&P Workshops 2018, §3 (the four transformations — swap two
+adjacent characters, substitute, delete or insert a random character — applied to words
+ranked by importance); search as TextAttack's ``deepwordbug_gao_2018`` recipe runs it
+(greedy over word importance; research/attacks_nn.md B.2), with the word importance,
+stop words and budget of the BERT-Attack search used in vision-language attacks so the two
+text attacks differ only in how they propose substitutes. Needs no language model.
+For classification it perturbs the class prompts (as MMCoA's text attack does); for
+retrieval each caption against its own image.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vlbench.api import TextAttack, attacks, check_range
+from vlbench.words import greedy_substitution
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def character_edits(word: str, generator: torch.Generator, per_operation: int) -> list[str]:
+    """Random swap / substitute / delete / insert edits of ``word`` (seeded)."""
+
+    def pick(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=generator))
+
+    edits = []
+    for _ in range(per_operation):
+        if len(word) >= 2:
+            i = pick(len(word) - 1)
+            edits.append(word[:i] + word[i + 1] + word[i] + word[i + 2:])
+        i = pick(len(word))
+        edits.append(word[:i] + LETTERS[pick(26)] + word[i + 1:])
+        if len(word) >= 2:
+            i = pick(len(word))
+            edits.append(word[:i] + word[i + 1:])
+        i = pick(len(word) + 1)
+        edits.append(word[:i] + LETTERS[pick(26)] + word[i:])
+    return edits
+
+
+@attacks.register("deepwordbug")
+class DeepWordBug(TextAttack):
+    """Greedy character-level edits of up to ``budget`` words."""
+
+    paper = "Gao et al., IEEE S&P Workshops 2018 (DeepWordBug)"
+    description = "character swaps/substitutions/deletions/insertions in the most important words"
+
+    @dataclass
+    class Params:
+        budget: int = 1            # words that may change
+        edits_per_operation: int = 3
+
+    def validate(self) -> None:
+        owner = f"attack {self.name}"
+        check_range(owner, "budget", self.params.budget, 0, 1000)
+        check_range(owner, "edits_per_operation", self.params.edits_per_operation, 1, 100)
+
+    def threat_model(self) -> dict:
+        return {"modality": "text", "word_budget": self.params.budget, "level": "character"}
+
+    def perturb_texts(self, victim, objective, generator):
+        per_op = self.params.edits_per_operation
+        return [greedy_substitution(text, lambda texts, row=row: objective.score(texts, row),
+                                    lambda words, i: character_edits(words[i], generator, per_op),
+                                    self.params.budget)
+                for row, text in enumerate(objective.texts)]

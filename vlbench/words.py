@@ -1,0 +1,103 @@
+"""Word-level text attacks' shared machinery: splitting captions into words, the stop-word
+list, word importance, and the greedy substitution search.
+
+The search follows BERT-Attack as the vision-language attack literature runs it (Li et al.,
+EMNLP 2020, §3; the Co-Attack and SGA implementations, research/attacks_nn.md B.2):
+
+1. importance of word i = the objective's value when word i is replaced by ``[UNK]``;
+2. visit words from the most to the least important, skipping stop words;
+3. score every candidate substitution of that word in one batch (the current sentence is
+   candidate 0) and keep the best; a change counts against the word budget;
+4. stop when the budget of changed words is spent.
+
+The objective (``score``) is supplied by the task and is maximised: e.g. the KL divergence of
+the candidate's text embedding from the clean one (Co-Attack's ``BertAttack``), or the
+negative cosine to the paired image (SGA's image-guided attack).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import torch
+
+UNKNOWN = "[UNK]"
+
+#: English function words and fillers never substituted (as the stop lists of the Co-Attack
+#: and SGA implementations do); written here, not copied.
+STOP_WORDS = frozenset("""
+a about above across after afterwards again against all almost alone along already also although
+always am among amongst an and another any anyhow anyone anything anyway anywhere are around as
+at be became because become becomes becoming been before beforehand behind being below beside
+besides between beyond both but by can cannot could did do does doing done down due during each
+either else elsewhere enough even ever every everyone everything everywhere except few for former
+formerly from further had has have having he hence her here hereafter hereby herein hereupon hers
+herself him himself his how however i if in indeed into is it its itself just latter latterly least
+less many may me meanwhile might mine more moreover most mostly much must my myself namely neither
+never nevertheless next no nobody none noone nor not nothing now nowhere of off often on once one
+only onto or other others otherwise our ours ourselves out over own per perhaps please rather
+same seem seemed seeming seems several she should since so some somehow someone something
+sometime sometimes somewhere still such than that the their theirs them themselves then thence
+there thereafter thereby therefore therein thereupon these they this those though through
+throughout thru thus to together too toward towards under unless until up upon us very via was we
+well were what whatever when whence whenever where whereafter whereas whereby wherein whereupon
+wherever whether which while whither who whoever whole whom whose why will with within without
+would yet you your yours yourself yourselves
+""".split())
+
+_PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
+
+
+def split_words(text: str) -> list[str]:
+    """Lower-case words with punctuation removed and '-' and '/' as spaces (``pre_caption``)."""
+    text = _PUNCTUATION.sub(" ", text.lower()).replace("-", " ").replace("/", " ")
+    return text.split()
+
+
+def join_words(words: Sequence[str]) -> str:
+    return " ".join(words)
+
+
+def changed_words(original: str, perturbed: str) -> int:
+    """How many word positions differ (the budget an attack may not exceed)."""
+    a, b = split_words(original), split_words(perturbed)
+    if len(a) != len(b):
+        return max(len(a), len(b))
+    return sum(x != y for x, y in zip(a, b))
+
+
+def greedy_substitution(text: str, score: Callable[[list[str]], torch.Tensor],
+                        candidates: Callable[[list[str], int], list[str]], budget: int,
+                        protected: frozenset[str] = STOP_WORDS) -> str:
+    """Change at most ``budget`` words of ``text`` to maximise ``score``.
+
+    ``score(texts)`` returns one value per text (batched); ``candidates(words, i)`` proposes
+    replacement words for position ``i``.
+    """
+    words = split_words(text)
+    if budget <= 0 or not words:
+        return text
+    masked = [join_words(words[:i] + [UNKNOWN] + words[i + 1:]) for i in range(len(words))]
+    importance = score(masked)
+    order = importance.argsort(descending=True).tolist()
+    current = list(words)
+    current_score = float(score([join_words(current)])[0])
+    changes = 0
+    for position in order:
+        if changes >= budget:
+            break
+        if words[position] in protected or not any(ch.isalnum() for ch in words[position]):
+            continue
+        options = [w for w in dict.fromkeys(candidates(current, position))
+                   if w and w != words[position] and w not in protected]
+        if not options:
+            continue
+        texts = [join_words(current[:position] + [w] + current[position + 1:]) for w in options]
+        scores = score(texts)
+        best = int(scores.argmax())
+        if float(scores[best]) > current_score:
+            current[position] = options[best]
+            current_score = float(scores[best])
+            changes += 1
+    return join_words(current) if changes else text
