@@ -60,6 +60,10 @@ class Plugin:
     def validate(self) -> None:
         """Raise a :class:`UserError` for parameter values out of range."""
 
+    def prepare(self) -> None:
+        """Load what the plugin needs (models, files) before the first cell runs, so a missing
+        resource fails the run up front instead of halfway through."""
+
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "params": dataclasses.asdict(self.params)}
 

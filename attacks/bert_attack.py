@@ -1,0 +1,104 @@
+"""BERT-Attack as the vision-language attack literature runs it.
+
+Li, Ma, Guo, Xue, Qiu, "BERT-ATTACK: Adversarial Attack Against BERT Using BERT", EMNLP 2020,
+§3 (substitutes from a masked LM; multi-piece words ranked by perplexity, §3.2), in the
+variant of Co-Attack (Zhang et al., ACM MM 2022, ``attack/bert_attack.py``) and SGA (Lu et al.,
+ICCV 2023, ``attacker.py``) that MMCoA also trains with (research/attacks_nn.md B.2):
+
+- one MLM forward pass over the unmasked caption (≤ 30 sub-tokens); for every position the
+  top k = 10 tokens and their raw logits;
+- word importance by replacing each word with ``[UNK]``; words visited from the most
+  important, stop words skipped;
+- a single-piece word's candidates are the top-k tokens at its position, cut at the first
+  whose logit is below 0.3; a multi-piece word's are the combinations of the top 4 tokens of
+  its pieces (first 24, words of at most 12 pieces), ranked by MLM perplexity; sub-word
+  (``##``) candidates, stop words and the original are dropped;
+- all candidates of a step are scored in one batch by the task's objective, the best kept;
+  the budget (1 word by default) counts changed words.
+
+For classification the objective is the KL shift of the class-prompt embeddings
+(Co-Attack's unimodal ``BertAttack``, MMCoA's text attack); for retrieval each caption is
+attacked against its own image (SGA's image-guided scoring). ``mlm`` names a transformers
+model folder or cache entry (``bert-base-uncased``) or ``world`` for the world's small MLM.
+"""
+
+from dataclasses import dataclass
+from itertools import islice, product
+
+import torch
+
+from vlbench.api import TextAttack, attacks, check_range
+from vlbench.mlm import load_masked_lm
+from vlbench.words import greedy_substitution, split_words
+
+
+@attacks.register("bert-attack")
+class BertAttack(TextAttack):
+    """Masked-LM word substitution under a word budget."""
+
+    paper = "Li et al., EMNLP 2020 (BERT-Attack); VL variant of Co-Attack (ACM MM 2022) and SGA (ICCV 2023)"
+    description = "masked-LM word substitutions of the most important words (1-word budget)"
+
+    @dataclass
+    class Params:
+        mlm: str = "bert-base-uncased"
+        budget: int = 1
+        top_k: int = 10
+        threshold: float = 0.3
+        max_length: int = 30
+        piece_top: int = 4
+        piece_combinations: int = 24
+        max_pieces: int = 12
+
+    def validate(self) -> None:
+        owner = f"attack {self.name}"
+        check_range(owner, "budget", self.params.budget, 0, 1000)
+        check_range(owner, "top_k", self.params.top_k, 1, 1000)
+        check_range(owner, "max_length", self.params.max_length, 3, 512)
+
+    def threat_model(self) -> dict:
+        return {"modality": "text", "word_budget": self.params.budget, "level": "word", "mlm": self.params.mlm}
+
+    def prepare(self) -> None:
+        self.mlm  # noqa: B018  (loads, or fails with a one-line error naming what to download)
+
+    @property
+    def mlm(self):
+        if "_mlm" not in self.__dict__:
+            self._mlm = load_masked_lm(self.params.mlm)
+        return self._mlm
+
+    def substitutes(self, words: list[str]) -> dict[int, list[str]]:
+        """Candidate replacements for every word of the clean caption."""
+        mlm, p = self.mlm, self.params
+        ids, spans = mlm.word_pieces(words, p.max_length)
+        values, indices = mlm.top_k(ids, p.top_k)
+        result = {}
+        for position, (start, end) in enumerate(spans):
+            if end - start == 1:
+                options = []
+                for value, token_id in zip(values[start].tolist(), indices[start].tolist()):
+                    if value < p.threshold:
+                        break
+                    options.append(mlm.token(token_id))
+            elif 1 < end - start <= p.max_pieces:
+                tops = [indices[i, :p.piece_top].tolist() for i in range(start, end)]
+                combinations = torch.tensor(list(islice(product(*tops), p.piece_combinations)))
+                ranked = combinations[mlm.perplexity(combinations).argsort()]
+                options = [mlm.join(row.tolist()) for row in ranked]
+            else:
+                options = []
+            result[position] = [o for o in options if o and "##" not in o and " " not in o.strip()]
+        return result
+
+    def perturb_texts(self, victim, objective, generator):
+        adversarial = []
+        for row, text in enumerate(objective.texts):
+            if self.params.budget == 0:
+                adversarial.append(text)
+                continue
+            options = self.substitutes(split_words(text))
+            adversarial.append(greedy_substitution(
+                text, lambda texts, row=row: objective.score(texts, row),
+                lambda words, i: options.get(i, []), self.params.budget))
+        return adversarial

@@ -1,0 +1,197 @@
+"""Masked language models for word-substitution attacks (BERT-Attack).
+
+:func:`load_masked_lm` loads a BERT-style masked LM through transformers from a local folder
+or the Hugging Face cache (``bert-base-uncased`` by default, as in the Co-Attack, SGA and
+MMCoA code), never from the network, or — with the name ``world`` — a small BERT trained on
+the synthetic world's captions, which vlbench trains once (``vlbench world mlm``) and caches
+like the world CLIP, so substitutions on the world are meaningful offline.
+
+:class:`MaskedLM` exposes what BERT-Attack needs: words → sub-token spans, the top-k
+predictions and logits at every position of one unmasked forward pass, and the perplexity
+used to rank multi-piece substitutes (Li et al., EMNLP 2020, §3.2).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .io import atomic_write_json, stable_hash
+from .paths import cache_dir
+
+WORLD_MLM = "world"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class MaskedLM:
+    """A tokenizer and a masked LM, with the operations BERT-Attack uses."""
+
+    def __init__(self, tokenizer, model, name: str):
+        self.tokenizer, self.model, self.name = tokenizer, model.eval(), name
+        self.model.requires_grad_(False)
+
+    def word_pieces(self, words: list[str], max_length: int = 30) -> tuple[list[int], list[tuple[int, int]]]:
+        """Sub-token ids (with [CLS]/[SEP]) and each word's ``(start, end)`` span in them.
+
+        Words whose pieces fall beyond ``max_length`` get an empty span (never substituted).
+        """
+        ids = [self.tokenizer.cls_token_id]
+        spans = []
+        for word in words:
+            pieces = self.tokenizer.encode(word, add_special_tokens=False)
+            start = len(ids)
+            if start + len(pieces) > max_length - 1:
+                spans.append((start, start))
+                continue
+            ids.extend(pieces)
+            spans.append((start, len(ids)))
+        ids.append(self.tokenizer.sep_token_id)
+        return ids, spans
+
+    @torch.no_grad()
+    def top_k(self, ids: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw logits and ids of the k best tokens at every position of one forward pass."""
+        logits = self.model(torch.tensor([ids])).logits[0]
+        values, indices = logits.topk(k, dim=-1)
+        return values, indices
+
+    @torch.no_grad()
+    def perplexity(self, sequences: torch.Tensor) -> torch.Tensor:
+        """exp(mean cross-entropy of each sequence's own tokens), one per row."""
+        logits = self.model(sequences).logits
+        losses = F.cross_entropy(logits.flatten(0, 1), sequences.flatten(), reduction="none")
+        return losses.view(sequences.shape).mean(dim=1).exp()
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(int(token_id))
+
+    def join(self, token_ids: list[int]) -> str:
+        return self.tokenizer.convert_tokens_to_string([self.token(t) for t in token_ids]).strip()
+
+
+def load_masked_lm(name_or_path: str = "bert-base-uncased") -> MaskedLM:
+    if name_or_path == WORLD_MLM:
+        return _load_folder(world_mlm(), WORLD_MLM)
+    return _load_folder(name_or_path, name_or_path)
+
+
+def _load_folder(name_or_path: str | Path, name: str) -> MaskedLM:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
+        model = AutoModelForMaskedLM.from_pretrained(str(name_or_path), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError variants
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"masked LM {name!r} is not available offline ({reason})",
+                        f"download it on a connected machine (huggingface-cli download {name}) into the "
+                        f"Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
+                        "or set the attack's mlm: to a local folder, or mlm: world on the synthetic world") from None
+    return MaskedLM(tokenizer, model, name)
+
+
+# -- the world's masked LM ----------------------------------------------------------------
+@dataclass(frozen=True)
+class WorldMLMConfig:
+    hidden: int = 96
+    layers: int = 2
+    heads: int = 4
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    n_scenes: int = 4000
+    seed: int = 0
+
+
+def _world_captions(config: WorldMLMConfig) -> list[str]:
+    from .world.scenes import describe, random_caption, sample_scenes
+
+    rng = random.Random(config.seed)
+    captions = []
+    for scene in sample_scenes("train", config.n_scenes, config.seed):
+        captions.extend(describe(scene))
+        captions.append(random_caption(scene, rng))
+    return captions
+
+
+def _world_vocabulary(captions: list[str]) -> dict[str, int]:
+    from .words import split_words
+
+    words = sorted({w for caption in captions for w in split_words(caption)})
+    return {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
+
+
+def train_world_mlm(config: WorldMLMConfig, progress: bool = True):
+    """Train a small BERT on world captions with the standard 80/10/10 MLM masking."""
+    from tqdm.auto import tqdm
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    from .words import split_words
+
+    torch.manual_seed(config.seed)
+    captions = _world_captions(config)
+    tokenizer = BertTokenizer(vocab=_world_vocabulary(captions), do_lower_case=True)
+    encoded = [tokenizer.encode(" ".join(split_words(c))) for c in captions]
+    length = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), length), tokenizer.pad_token_id)
+    for row, sequence in enumerate(encoded):
+        ids[row, :len(sequence)] = torch.tensor(sequence)
+    model = BertForMaskedLM(BertConfig(
+        vocab_size=len(tokenizer.vocab), hidden_size=config.hidden, num_hidden_layers=config.layers,
+        num_attention_heads=config.heads, intermediate_size=4 * config.hidden,
+        max_position_embeddings=max(64, length)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(config.seed)
+    special = torch.tensor([tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id])
+    model.train()
+    for step in tqdm(range(config.steps), desc="world MLM", disable=not progress, leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / 100) * (1 - step / config.steps)
+        batch = ids[torch.randint(len(ids), (config.batch_size,), generator=generator)]
+        chosen = (torch.rand(batch.shape, generator=generator) < 0.15) & ~torch.isin(batch, special)
+        labels = batch.masked_fill(~chosen, -100)
+        draw = torch.rand(batch.shape, generator=generator)
+        inputs = batch.clone()
+        inputs[chosen & (draw < 0.8)] = tokenizer.mask_token_id
+        swap = chosen & (draw >= 0.8) & (draw < 0.9)
+        inputs[swap] = torch.randint(len(SPECIAL_TOKENS), len(tokenizer.vocab), (int(swap.sum()),),
+                                     generator=generator)
+        loss = model(input_ids=inputs, attention_mask=batch != tokenizer.pad_token_id, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return tokenizer, model, float(loss)
+
+
+def world_mlm(config: WorldMLMConfig | None = None, force: bool = False, progress: bool = True) -> Path:
+    """The folder of the cached world MLM, training it first if needed (atomically)."""
+    config = config or WorldMLMConfig()
+    folder = cache_dir() / "world" / f"mlm-{stable_hash(asdict(config))}"
+    if folder.is_dir() and not force:
+        try:
+            _load_folder(folder, WORLD_MLM)
+            return folder
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: train again
+    started = time.perf_counter()
+    tokenizer, model, loss = train_world_mlm(config, progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mlm-", dir=folder.parent))
+    tokenizer.save_pretrained(staging)
+    model.save_pretrained(staging, safe_serialization=True)
+    atomic_write_json(staging / "vlbench.json", {"config": asdict(config), "final_loss": loss,
+                                                 "seconds": round(time.perf_counter() - started, 1)})
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return folder
