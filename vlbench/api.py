@@ -89,10 +89,14 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
+    if (hint is dict or origin is dict) and isinstance(value, dict):
+        return dict(value)
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         return type(value)(value) if origin is list else tuple(value)
     if hint is Any or origin is typing.Union or origin is typing.Literal or hint is None:
         return value
+    if (hint is list or origin is list) and isinstance(value, (list, tuple)):
+        return list(value)
     if origin in (list, tuple) and isinstance(value, str):
         return [value] if origin is list else (value,)
     name = getattr(hint, "__name__", str(hint))
@@ -179,6 +183,30 @@ class TextAttack(Attack):
 
     def perturb_texts(self, victim, objective: TextObjective, generator: torch.Generator) -> list[str]:
         raise NotImplementedError
+
+
+class MultimodalAttack(Attack):
+    """An attack on images and texts together, in up to three stages.
+
+    The task calls ``attack_texts`` once (class prompts or all captions), ``attack_images``
+    per image batch with the embeddings of the texts it returned, and ``final_texts`` once
+    with the embeddings of all adversarial images (SGA re-attacks the captions against them).
+    ``problem`` (a :class:`vlbench.tasks.MultimodalProblem`) supplies the clean texts and
+    embeddings and builds the task's image and text objectives.
+    """
+
+    modality = "multimodal"
+
+    def attack_texts(self, problem, generator: torch.Generator) -> list[str]:
+        return list(problem.texts)
+
+    def attack_images(self, problem, rows: torch.Tensor, images: torch.Tensor,
+                      text_embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return images
+
+    def final_texts(self, problem, texts: list[str], image_embeddings: torch.Tensor,
+                    generator: torch.Generator) -> list[str]:
+        return texts
 
 
 class NoAttack(Attack):

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     world_commands = world.add_subparsers(dest="world_command", required=True)
     pretrain = world_commands.add_parser("pretrain", help="pretrain (or reuse) the world's tiny CLIP")
     pretrain.add_argument("--force", action="store_true", help="pretrain again even if cached")
+    mlm = world_commands.add_parser("mlm", help="train (or reuse) the world's masked LM for bert-attack")
+    mlm.add_argument("--force", action="store_true", help="train again even if cached")
     return parser
 
 
@@ -180,6 +182,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_world(args: argparse.Namespace) -> int:
     import json
 
+    if args.world_command == "mlm":
+        from .mlm import world_mlm
+
+        print(world_mlm(force=args.force))
+        return 0
     from .world.pretrain import world_checkpoint
 
     path = world_checkpoint(force=args.force)

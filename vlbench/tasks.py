@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .api import Attack, ImageAttack, NoAttack, TextAttack
+from .api import Attack, ImageAttack, MultimodalAttack, NoAttack, TextAttack
 from .cache import EmbeddingCache
 from .datasets import EvalData, subset_hash
 from .errors import UserError
@@ -183,6 +183,73 @@ def _words_changed(clean: list[str], adversarial: list[str]) -> float:
     return float(max((changed_words(a, b) for a, b in zip(clean, adversarial)), default=0))
 
 
+@dataclass
+class MultimodalProblem:
+    """What a multimodal attack sees: clean texts and embeddings, and objective builders.
+
+    ``texts`` are the class prompts (classification) or every caption (retrieval);
+    ``text_rows`` maps each caption to the row of its image (retrieval only). Rows index the
+    evaluated subset.
+    """
+
+    task: str
+    victim: Victim
+    texts: list[str]
+    clean_text_embeddings: torch.Tensor
+    clean_image_embeddings: torch.Tensor
+    labels: torch.Tensor | None = None
+    n_classes: int | None = None
+    text_rows: torch.Tensor | None = None
+
+    def image_objective(self, rows: torch.Tensor, text_embeddings: torch.Tensor):
+        """The task's image objective for ``rows`` against (possibly adversarial) texts."""
+        device = self.victim.device
+        if self.task == "classification":
+            weights = weights_from_prompt_embeddings(text_embeddings.to(device), self.n_classes)
+            return ClassificationObjective(self.victim, weights, self.labels[rows].to(device))
+        owner = self.text_rows.to(device)
+        return RetrievalObjective(self.victim, text_embeddings.to(device),
+                                  owner[None, :] == rows.to(device)[:, None])
+
+    def embedding_shift_objective(self) -> EmbeddingShiftObjective:
+        return EmbeddingShiftObjective(self.victim, self.texts, self.clean_text_embeddings)
+
+    def image_guided_objective(self, image_embeddings: torch.Tensor) -> ImageGuidedTextObjective:
+        """Each caption against the given embedding of its own image (retrieval only)."""
+        if self.text_rows is None:
+            raise ValueError("image-guided text objectives need captions paired with images")
+        return ImageGuidedTextObjective(self.victim, self.texts,
+                                        image_embeddings[self.text_rows].to(self.victim.device))
+
+    def captions_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), n_texts] bool: which texts describe each image row (retrieval only)."""
+        return self.text_rows[None, :] == rows.cpu()[:, None]
+
+
+def _run_multimodal(ctx: EvalContext, data: EvalData, indices: list[int], attack: MultimodalAttack,
+                    problem: MultimodalProblem, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The three stages; returns adversarial image embeddings, text embeddings, texts."""
+    texts = attack.attack_texts(problem, generator)
+    if len(texts) != len(problem.texts):
+        raise RuntimeError(f"attack {attack.name} returned {len(texts)} texts for {len(problem.texts)}")
+    text_embeddings = ctx.victim.encode_texts(texts)
+    embeddings, start = [], 0
+    for images, _ in image_batches(data, indices, ctx.batch_size, f"{attack.name} {data.name}", ctx.progress):
+        rows = torch.arange(start, start + len(images))
+        start += len(images)
+        images = images.to(ctx.victim.device)
+        with torch.enable_grad():
+            adversarial = attack.attack_images(problem, rows, images, text_embeddings, generator).detach()
+        _check_adversarial(attack, images, adversarial)
+        with torch.no_grad():
+            embeddings.append(ctx.victim.encode_image(adversarial).cpu())
+    image_embeddings = torch.cat(embeddings)
+    final = attack.final_texts(problem, texts, image_embeddings, generator)
+    if len(final) != len(problem.texts):
+        raise RuntimeError(f"attack {attack.name} returned {len(final)} final texts for {len(problem.texts)}")
+    return image_embeddings, ctx.victim.encode_texts(final).cpu(), final
+
+
 def _check_adversarial(attack: Attack, clean: torch.Tensor, adversarial: torch.Tensor) -> None:
     # A plugin bug must not become a leaderboard number.
     if adversarial.shape != clean.shape or not torch.isfinite(adversarial).all():
@@ -212,7 +279,7 @@ def _adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int]
 
 def _unsupported(attack: Attack, task: str) -> UserError:
     return UserError(f"attack {attack.name} has modality {attack.modality!r}, which the {task} task "
-                     "cannot run", "use an image or text attack")
+                     "cannot run", "use an image, text or multimodal attack")
 
 
 def evaluate_classification(ctx: EvalContext, data: EvalData, indices: list[int], attack: Attack,
@@ -236,6 +303,14 @@ def evaluate_classification(ctx: EvalContext, data: EvalData, indices: list[int]
         attacked = weights_from_prompt_embeddings(ctx.victim.encode_texts(adversarial), len(data.classnames))
         correct = (clean.to(attacked.device) @ attacked.T).argmax(dim=1).cpu() == labels
         metrics["top1"] = 100.0 * correct.float().mean().item()
+        metrics["max_words_changed"] = _words_changed(prompts, adversarial)
+    elif isinstance(attack, MultimodalAttack):
+        prompts = class_prompts(data.classnames, data.templates)
+        problem = MultimodalProblem("classification", ctx.victim, prompts, ctx.victim.encode_texts(prompts),
+                                    clean, labels=labels, n_classes=len(data.classnames))
+        images, texts, adversarial = _run_multimodal(ctx, data, indices, attack, problem, generator)
+        attacked = weights_from_prompt_embeddings(texts, len(data.classnames))
+        metrics["top1"] = 100.0 * ((images @ attacked.T).argmax(dim=1) == labels).float().mean().item()
         metrics["max_words_changed"] = _words_changed(prompts, adversarial)
     else:
         raise _unsupported(attack, "classification")
@@ -292,6 +367,12 @@ def evaluate_retrieval(ctx: EvalContext, data: EvalData, indices: list[int], att
         adversarial = _attack_texts(attack, ctx, objective, generator)
         attacked = ctx.victim.encode_texts(adversarial).cpu()
         metrics.update(recall_at_k(clean, attacked, text_to_image))
+        metrics["max_words_changed"] = _words_changed(texts, adversarial)
+    elif isinstance(attack, MultimodalAttack):
+        problem = MultimodalProblem("retrieval", ctx.victim, texts, text_embeddings.to(ctx.victim.device),
+                                    clean, text_rows=text_to_image)
+        images, attacked, adversarial = _run_multimodal(ctx, data, indices, attack, problem, generator)
+        metrics.update(recall_at_k(images, attacked, text_to_image))
         metrics["max_words_changed"] = _words_changed(texts, adversarial)
     else:
         raise _unsupported(attack, "retrieval")

@@ -1,0 +1,99 @@
+"""SGA: Set-level Guidance Attack on image-text retrieval.
+
+Lu, Wang, Li, Yang, Deng, Chen, "Set-level Guidance Attack: Boosting Adversarial
+Transferability of Vision-Language Pre-training Models", ICCV 2023, §3.3 and Algorithm 1
+(reference ``attacker.py``; research/attacks_nn.md B.3). Three stages:
+
+1. each caption is attacked with BERT-Attack (1 word), guided by its clean image: the
+   substitute minimising the cosine to the image embedding wins;
+2. the image is attacked with L∞ PGD (ε = 2/255, 10 steps, step 0.5/255, uniform start),
+   supervised by the *set* of all its adversarial captions and a *scale set*: the current
+   image plus, for each scale s ∈ {0.5, 0.75, 1.25, 1.5}, a copy with Gaussian noise
+   N(0, 0.05²) resized by s (bicubic) and back; the loss summed over the copies is
+   ``−Σ_{j ∈ captions(i)} ⟨f(copy_i), g(t'_j)⟩``;
+3. the *original* captions are attacked again, now guided by the adversarial images.
+
+The scale copies are made in the dataset's pixel space (vlbench's victims resize inside),
+where the reference resizes at the model's input resolution.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vlbench.api import MultimodalAttack, attacks, check_range
+from vlbench.components import build_component
+from vlbench.perturb import projected_gradient_ascent
+
+
+def rescaled_copy(images: torch.Tensor, scale: float, noise_std: float, generator: torch.Generator) -> torch.Tensor:
+    """A noisy copy resized by ``scale`` and back to the original size, in [0, 1]."""
+    noise = torch.randn(images.shape, generator=generator).to(images.device) * noise_std
+    height, width = images.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    resized = F.interpolate((images + noise).clamp(0, 1), size=size, mode="bicubic", align_corners=False)
+    return F.interpolate(resized.clamp(0, 1), size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+@attacks.register("sga")
+class SGA(MultimodalAttack):
+    """Image-guided text attack, set- and scale-guided image attack, then the text again."""
+
+    paper = "Lu et al., ICCV 2023 (Set-level Guidance Attack)"
+    description = "text (image-guided) → image (caption set + scale set) → text (adversarial-image-guided)"
+    tasks = ("retrieval",)
+
+    @dataclass
+    class Params:
+        eps: float = 2.0          # in 1/255
+        steps: int = 10
+        step_size: float = 0.5    # in 1/255
+        scales: list = field(default_factory=lambda: [0.5, 0.75, 1.25, 1.5])
+        noise_std: float = 0.05
+        text_attack: str = "bert-attack"
+        text_params: dict = field(default_factory=lambda: {"budget": 1})
+
+    def validate(self) -> None:
+        owner = f"attack {self.name}"
+        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
+        check_range(owner, "step_size", self.params.step_size, 0, 255, "/255")
+        check_range(owner, "steps", self.params.steps, 0, 100_000)
+        for scale in self.params.scales:
+            check_range(owner, "scales", float(scale), 0.05, 20)
+        self.text = build_component(owner, self.params.text_attack, self.params.text_params, "text")
+
+    def prepare(self) -> None:
+        self.text.prepare()
+
+    def config(self) -> dict:
+        return {**super().config(), "components": [self.text.config()]}
+
+    def threat_model(self) -> dict:
+        return {"modality": "multimodal", "image": {"norm": "Linf", "eps": self.params.eps / 255,
+                                                    "eps_255": self.params.eps},
+                "text": self.text.threat_model()}
+
+    def attack_texts(self, problem, generator):
+        guided = problem.image_guided_objective(problem.clean_image_embeddings)
+        return self.text.perturb_texts(problem.victim, guided, generator)
+
+    def attack_images(self, problem, rows, images, text_embeddings, generator):
+        own = problem.captions_of(rows).float().to(images.device)
+        texts = text_embeddings.to(images.device)
+
+        def loss(x, subset):
+            copies = [x] + [rescaled_copy(x, s, self.params.noise_std, generator) for s in self.params.scales]
+            total = 0
+            for copy in copies:
+                similarity = problem.victim.encode_image(copy) @ texts.T
+                total = total - (own[subset] * similarity).sum(dim=1)
+            return total
+
+        return projected_gradient_ascent(images, loss, lambda x, subset: torch.ones(len(x), dtype=torch.bool),
+                                         "Linf", self.params.eps / 255, self.params.step_size / 255,
+                                         self.params.steps, 1, True, generator)
+
+    def final_texts(self, problem, texts, image_embeddings, generator):
+        guided = problem.image_guided_objective(image_embeddings)
+        return self.text.perturb_texts(problem.victim, guided, generator)
