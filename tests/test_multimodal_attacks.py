@@ -98,3 +98,14 @@ def test_component_of_wrong_modality_is_a_user_error():
 
     with pytest.raises(UserError, match="needs a text attack"):
         api.build("attacks", "sga", {"text_attack": "pgd"})
+
+
+def test_attack_success_rates_use_both_definitions():
+    from vlbench.tasks import attack_success_rates
+
+    clean = {"i2t_R@1": torch.tensor([True, True, True, True, False])}
+    attacked = {"i2t_R@1": torch.tensor([True, False, False, False, True])}
+    rates = attack_success_rates(clean, attacked)
+    # Co-Attack: 80% -> 40% is a 40-point drop; SGA: 3 of the 4 clean-correct queries broke.
+    assert rates["asr_drop_i2t_R@1"] == pytest.approx(40.0)
+    assert rates["asr_relative_i2t_R@1"] == pytest.approx(75.0)

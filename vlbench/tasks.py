@@ -324,9 +324,9 @@ def _labels(data: EvalData, indices: list[int]) -> torch.Tensor:
     return torch.as_tensor([int(data.images[i][1]) for i in indices])
 
 
-def recall_at_k(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
-                text_to_image: torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
-    """Image→text and text→image Recall@K in percent (several captions per image)."""
+def retrieval_hits(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                   text_to_image: torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, torch.Tensor]:
+    """Per query, is it retrieved within the top K? ``{"i2t_R@K": [images], "t2i_R@K": [texts]}``."""
     similarity = image_embeddings @ text_embeddings.T  # [images, texts]
     n_images, n_texts = similarity.shape
     top = max(ks)
@@ -334,11 +334,34 @@ def recall_at_k(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
     text_ranked = similarity.T.topk(min(top, n_images), dim=1).indices        # [texts, k]
     image_hits = text_to_image[image_ranked] == torch.arange(n_images)[:, None]
     text_hits = text_ranked == text_to_image[:, None]
-    metrics = {}
+    hits = {}
     for k in ks:
-        metrics[f"i2t_R@{k}"] = 100.0 * image_hits[:, :k].any(dim=1).float().mean().item()
-        metrics[f"t2i_R@{k}"] = 100.0 * text_hits[:, :k].any(dim=1).float().mean().item()
-    return metrics
+        hits[f"i2t_R@{k}"] = image_hits[:, :k].any(dim=1)
+        hits[f"t2i_R@{k}"] = text_hits[:, :k].any(dim=1)
+    return hits
+
+
+def recall_at_k(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                text_to_image: torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+    """Image→text and text→image Recall@K in percent (several captions per image)."""
+    hits = retrieval_hits(image_embeddings, text_embeddings, text_to_image, ks)
+    return {name: 100.0 * hit.float().mean().item() for name, hit in hits.items()}
+
+
+def attack_success_rates(clean: dict[str, torch.Tensor], attacked: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Both success-rate definitions of the retrieval attack literature, named apart:
+
+    - ``asr_drop_<R@K>`` (Co-Attack): clean R@K minus attacked R@K, in points;
+    - ``asr_relative_<R@K>`` (SGA's ``itm_eval``): the share of queries correct before the
+      attack that are wrong after it, |C_clean \\ C_adv| / |C_clean| × 100, ignoring queries the
+      attack makes correct.
+    """
+    rates = {}
+    for name, before in clean.items():
+        after = attacked[name]
+        rates[f"asr_drop_{name}"] = 100.0 * (before.float().mean() - after.float().mean()).item()
+        rates[f"asr_relative_{name}"] = 100.0 * (before & ~after).sum().item() / max(1, int(before.sum()))
+    return rates
 
 
 def evaluate_retrieval(ctx: EvalContext, data: EvalData, indices: list[int], attack: Attack,
@@ -348,9 +371,11 @@ def evaluate_retrieval(ctx: EvalContext, data: EvalData, indices: list[int], att
     key = {"kind": "caption-embeddings", **_data_key(ctx, data, indices)}
     text_embeddings = ctx.cache.get_or_compute(key, lambda: ctx.victim.encode_texts(texts).cpu())
     clean = clean_image_embeddings(ctx, data, indices)
-    metrics = {f"clean_{k}": v for k, v in recall_at_k(clean, text_embeddings, text_to_image).items()}
+    clean_hits = retrieval_hits(clean, text_embeddings, text_to_image)
+    metrics = {f"clean_{name}": 100.0 * hit.float().mean().item() for name, hit in clean_hits.items()}
+    extra: dict[str, float] = {}
     if isinstance(attack, NoAttack):
-        metrics.update(recall_at_k(clean, text_embeddings, text_to_image))
+        images, attacked_texts = clean, text_embeddings
     elif isinstance(attack, ImageAttack):
         gallery = text_embeddings.to(ctx.victim.device)
         row_of = {image: row for row, image in enumerate(indices)}
@@ -360,23 +385,25 @@ def evaluate_retrieval(ctx: EvalContext, data: EvalData, indices: list[int], att
             rows = torch.as_tensor([row_of[int(t)] for t in targets], device=owner.device)
             return RetrievalObjective(ctx.victim, gallery, owner[None, :] == rows[:, None])
 
-        adversarial, _ = _adversarial_embeddings(ctx, data, indices, attack, objective, generator)
-        metrics.update(recall_at_k(adversarial, text_embeddings, text_to_image))
+        images, _ = _adversarial_embeddings(ctx, data, indices, attack, objective, generator)
+        attacked_texts = text_embeddings
     elif isinstance(attack, TextAttack):
         objective = ImageGuidedTextObjective(ctx.victim, texts, clean[text_to_image].to(ctx.victim.device))
         adversarial = _attack_texts(attack, ctx, objective, generator)
-        attacked = ctx.victim.encode_texts(adversarial).cpu()
-        metrics.update(recall_at_k(clean, attacked, text_to_image))
-        metrics["max_words_changed"] = _words_changed(texts, adversarial)
+        images, attacked_texts = clean, ctx.victim.encode_texts(adversarial).cpu()
+        extra["max_words_changed"] = _words_changed(texts, adversarial)
     elif isinstance(attack, MultimodalAttack):
         problem = MultimodalProblem("retrieval", ctx.victim, texts, text_embeddings.to(ctx.victim.device),
                                     clean, text_rows=text_to_image)
-        images, attacked, adversarial = _run_multimodal(ctx, data, indices, attack, problem, generator)
-        metrics.update(recall_at_k(images, attacked, text_to_image))
-        metrics["max_words_changed"] = _words_changed(texts, adversarial)
+        images, attacked_texts, adversarial = _run_multimodal(ctx, data, indices, attack, problem, generator)
+        extra["max_words_changed"] = _words_changed(texts, adversarial)
     else:
         raise _unsupported(attack, "retrieval")
-    return metrics
+    hits = retrieval_hits(images, attacked_texts, text_to_image)
+    metrics.update({name: 100.0 * hit.float().mean().item() for name, hit in hits.items()})
+    if not isinstance(attack, NoAttack):
+        metrics.update(attack_success_rates(clean_hits, hits))
+    return {**metrics, **extra}
 
 
 EVALUATORS = {"classification": evaluate_classification, "retrieval": evaluate_retrieval}
