@@ -35,7 +35,7 @@ from vlbench.errors import UserError
 from vlbench.perturb import NORMS, cross_entropy, into_box, project, targeted_cross_entropy, targeted_dlr
 
 
-def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, generator):
+def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, generator, report=None):
     """One APGD run on a batch; returns ``(adversarial, still_correct)``.
 
     ``logits_fn(x, rows)`` gives logits for the listed rows of the batch; ``loss_fn(logits, rows)``
@@ -115,6 +115,8 @@ def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, generat
             x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
             check_in, since_check = max(check_in - decrease, min_check), 0
 
+    if report is not None and iterations > 1 and robust.all() and not (loss_best > loss).any():
+        report("loss never increased during the attack: gradients may be masked or zero")
     result = torch.where(robust.view(-1, 1, 1, 1), x_best, x_best_adv)
     return result.detach(), robust
 
@@ -166,7 +168,7 @@ class _APGD(ImageAttack):
                 break
             adversarial, still = apgd(
                 images[rows], labels[rows], lambda x, r: objective.logits(x), lambda logits, r: loss_fn(logits, rows[r]),
-                self.params.norm, self.eps, self.params.iterations, self.params.rho, generator)
+                self.params.norm, self.eps, self.params.iterations, self.params.rho, generator, report=self.note)
             result[rows] = adversarial
             robust[rows] = still
         return result

@@ -147,3 +147,43 @@ def test_square_schedule_follows_the_reference():
     assert module.area_fraction(0.8, 11, 10000) == pytest.approx(0.4)
     assert module.area_fraction(0.8, 2500, 5000) == pytest.approx(0.8 / 128)
     assert module.area_fraction(0.8, 9000, 10000) == pytest.approx(0.8 / 512)
+
+
+def test_flags_loss_that_never_increases(tiny_victim):
+    class Flat:  # an objective with no gradient signal: the attack cannot make progress
+        def loss(self, images, rows=None):
+            return images.sum(dim=(1, 2, 3)) * 0.0
+
+        def correct(self, images, rows=None):
+            return torch.ones(len(images), dtype=torch.bool)
+
+    attack = build("pgd", eps=4)
+    attack.perturb_images(tiny_victim, torch.rand(4, 3, 32, 32), Flat(), torch.Generator().manual_seed(0))
+    assert any("loss never increased" in note for note in attack.take_notes())
+
+
+def test_flags_non_deterministic_attacks(tiny_victim, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from vlbench.cache import EmbeddingCache
+    from vlbench.datasets import DatasetSpec, EvalData
+    from vlbench.tasks import EvalContext, evaluate
+
+    @api.attacks.register("unseeded-test")
+    class Unseeded(api.ImageAttack):
+        def perturb_images(self, victim, images, objective, generator):
+            return (images + 0.01 * torch.rand(images.shape)).clamp(0, 1)  # ignores the generator
+
+    try:
+        data = EvalData(DatasetSpec("toy", "classification", "toy"),
+                        TensorDataset(torch.rand(8, 3, 32, 32), torch.arange(8) % 2), ["a", "b"], ["{c}"], None)
+        attack = api.build("attacks", "unseeded-test")
+        evaluate(EvalContext(tiny_victim, EmbeddingCache(tmp_path), 8, False), data, list(range(8)), attack,
+                 torch.Generator().manual_seed(0))
+        assert any("non-deterministic" in note for note in attack.take_notes())
+        seeded = build("pgd", eps=4)
+        evaluate(EvalContext(tiny_victim, EmbeddingCache(tmp_path), 8, False), data, list(range(8)), seeded,
+                 torch.Generator().manual_seed(0))
+        assert not any("non-deterministic" in note for note in seeded.take_notes())
+    finally:
+        api.attacks.unregister("unseeded-test")

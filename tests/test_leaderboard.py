@@ -59,3 +59,17 @@ def test_empty_or_missing_folder_is_a_user_error(tmp_path, capsys):
     assert main(["leaderboard", str(tmp_path / "missing")]) == 2
     assert main(["leaderboard", str(tmp_path)]) == 2
     assert "no result files" in capsys.readouterr().err
+
+
+def test_composite_attack_above_its_component_is_flagged(tmp_path):
+    component = {"name": "apgd-ce", "params": {"eps": 4}}
+    for attack, value, config in (("apgd-ce", 20.0, component),
+                                  ("autoattack", 30.0, {"name": "autoattack", "params": {}, "components": [component]})):
+        payload = {"schema": 1, "cell": attack, "defense": "none", "attack": attack, "dataset": "a",
+                   "task": "classification", "metrics": {"top1": value}, "n": 10, "subset_hash": "s",
+                   "created": "2026", "config": {"attack": config}, "warnings": ["robust above clean"] * (attack == "apgd-ce")}
+        (tmp_path / f"{attack}.json").write_text(json.dumps(payload))
+    write_leaderboard(tmp_path)
+    markdown = (tmp_path / "leaderboard.md").read_text()
+    assert "autoattack (30.0) is above its component apgd-ce (20.0)" in markdown
+    assert "1 cell(s) carry warnings" in markdown

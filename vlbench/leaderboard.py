@@ -25,18 +25,24 @@ LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "n", 
                 "seed", "cell", "created"]
 
 
-def read_results(results_dir: Path) -> pd.DataFrame:
-    rows = []
+def load_results(results_dir: Path) -> list[dict]:
+    results = []
     for path in sorted(Path(results_dir).rglob("*.json")):
         if path.name.startswith("."):
             continue
         try:
             result = json.loads(path.read_text())
-            if "metrics" not in result or "cell" not in result:
-                continue
         except (OSError, ValueError):
             log.warning("skipping unreadable result %s", path)
             continue
+        if isinstance(result, dict) and "metrics" in result and "cell" in result:
+            results.append(result)
+    return results
+
+
+def read_results(results_dir: Path, results: list[dict] | None = None) -> pd.DataFrame:
+    rows = []
+    for result in results if results is not None else load_results(results_dir):
         for metric, value in result["metrics"].items():
             rows.append({"defense": result["defense"], "attack": result["attack"],
                          "dataset": result["dataset"], "task": result["task"], "metric": metric,
@@ -92,16 +98,49 @@ def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return table, notes
 
 
+def _attack_identity(config: dict) -> tuple:
+    return config.get("name"), json.dumps(config.get("params", {}), sort_keys=True)
+
+
+def flags(results: list[dict]) -> list[str]:
+    """Run-level warnings: cells with warnings, and composite attacks (those naming
+    components, e.g. AutoAttack) that ended above one of their own components run alone on the
+    same defense and dataset — the stronger attack doing worse, as AutoAttack's checks flag."""
+    notes = []
+    warned = [r for r in results if r.get("warnings")]
+    if warned:
+        cells = ", ".join(sorted(r["cell"] for r in warned)[:5]) + (" …" if len(warned) > 5 else "")
+        notes.append(f"⚠ {len(warned)} cell(s) carry warnings (see their result files): {cells}")
+    by_identity = {}
+    for r in results:
+        attack = r.get("config", {}).get("attack", {})
+        by_identity[(r["defense"], r["dataset"], _attack_identity(attack))] = r
+    for r in results:
+        for component in r.get("config", {}).get("attack", {}).get("components", []):
+            alone = by_identity.get((r["defense"], r["dataset"], _attack_identity(component)))
+            if alone is None:
+                continue
+            for metric in PRIMARY_METRICS.get(r["task"], ()):
+                mine, theirs = r["metrics"].get(metric), alone["metrics"].get(metric)
+                if mine is not None and theirs is not None and mine > theirs + 1e-6 and r["n"] == alone["n"]:
+                    notes.append(f"⚠ {r['attack']} ({mine:.1f}) is above its component {alone['attack']} "
+                                 f"({theirs:.1f}) on {r['defense']} × {r['dataset']} {metric}: the stronger attack "
+                                 "did worse; check the attack")
+    return notes
+
+
 def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> Path:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist",
                         "pass the --out folder of a matrix run")
-    long = read_results(results_dir)
+    results = load_results(results_dir)
+    long = read_results(results_dir, results)
     if long.empty:
         raise UserError(f"no result files under {results_dir}", "run `vlbench run matrix` first")
     atomic_write_text(results_dir / "leaderboard.csv", long.to_csv(index=False))
     table, notes = pivot(long)
+    notes += flags(results)
     footer = "".join(f"\n{note}\n" for note in notes)
     title = ("Top-1 accuracy (%) for classification, Recall@1 (%) for retrieval; "
              "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n\n")

@@ -107,14 +107,15 @@ def targeted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, targets: 
 
 def projected_gradient_ascent(images: torch.Tensor, loss_fn, correct_fn, norm: str, eps: float,
                               step_size: float, steps: int, restarts: int, random_init: bool,
-                              generator: torch.Generator) -> torch.Tensor:
+                              generator: torch.Generator, report=None) -> torch.Tensor:
     """PGD (Madry et al., ICLR 2018, §2) on ``loss_fn`` with restarts.
 
     Each restart runs from a fresh random start on the samples ``correct_fn`` still reports
     correct; a sample keeps the first restart that breaks it, otherwise the restart with the
     highest final loss. ``loss_fn(images, rows)`` and ``correct_fn(images, rows)`` evaluate the
     given rows of the batch. The last iterate of each restart is its result (no best-iterate
-    tracking, as TeCoA's PGD).
+    tracking, as TeCoA's PGD). ``report(message)`` hears of a loss that never increased over
+    the first step's, AutoAttack's sign of a broken gradient.
     """
     if eps == 0 or steps == 0 and not random_init:
         return images.clone()
@@ -130,9 +131,15 @@ def projected_gradient_ascent(images: torch.Tensor, loss_fn, correct_fn, norm: s
                 break
         x = images[active]
         delta = random_start(x, norm, eps, generator) if random_init else torch.zeros_like(x)
-        for _ in range(steps):
+        first_loss = None
+        for step in range(steps):
             delta.requires_grad_(True)
-            (gradient,) = torch.autograd.grad(loss_fn(x + delta, active).sum(), delta)
+            loss = loss_fn(x + delta, active)
+            (gradient,) = torch.autograd.grad(loss.sum(), delta)
+            if step == 0:
+                first_loss = loss.detach()
+            elif step == steps - 1 and report is not None and not (loss.detach() > first_loss).any():
+                report("loss never increased during the attack: gradients may be masked or zero")
             delta = delta.detach() + step_size * ascent_direction(gradient, norm)
             delta = into_box(x, project(delta, norm, eps))
         if restarts <= 1:
@@ -194,4 +201,4 @@ class ProjectedGradientAttack(ImageAttack):
         return projected_gradient_ascent(
             images, lambda x, rows: self.loss(objective, x, rows), objective.correct,
             self.params.norm, eps, step_size, self.params.steps, self.params.restarts,
-            self.params.random_start, generator)
+            self.params.random_start, generator, report=self.note)

@@ -265,9 +265,11 @@ def _adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int]
     victim = ctx.victim
     embeddings, correct = [], []
     desc = f"{attack.name} {data.name}"
-    for images, targets in image_batches(data, indices, ctx.batch_size, desc, ctx.progress):
+    for batch, (images, targets) in enumerate(image_batches(data, indices, ctx.batch_size, desc, ctx.progress)):
         images, targets = images.to(victim.device), targets.to(victim.device)
         objective = make_objective(images, targets)
+        if batch == 0:
+            _probe_determinism(attack, victim, images, objective, generator)
         with torch.enable_grad():
             adversarial = attack.perturb_images(victim, images, objective, generator).detach()
         _check_adversarial(attack, images, adversarial)
@@ -275,6 +277,21 @@ def _adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int]
             embeddings.append(victim.encode_image(adversarial).cpu())
             correct.append(objective.correct(adversarial).cpu())
     return torch.cat(embeddings), torch.cat(correct)
+
+
+def _probe_determinism(attack: ImageAttack, victim: Victim, images: torch.Tensor, objective,
+                       generator: torch.Generator, size: int = 4) -> None:
+    """Run the attack twice on a few samples from the same generator state; differing outputs
+    mean results cannot be reproduced (AutoAttack's randomness check)."""
+    rows = torch.arange(min(size, len(images)), device=images.device)
+    state = generator.get_state()
+    outputs = []
+    with torch.enable_grad():
+        for _ in range(2):
+            probe = torch.Generator().set_state(state)
+            outputs.append(attack.perturb_images(victim, images[rows], objective.subset(rows), probe).detach())
+    if not torch.equal(*outputs):
+        attack.note("non-deterministic outputs: the same inputs and seed gave different adversarial images")
 
 
 def _unsupported(attack: Attack, task: str) -> UserError:
