@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlbench import api
 from vlbench.api import ImageAttack, attacks, check_range
+from vlbench.components import build_component
 from vlbench.errors import UserError
 
 VERSIONS = {"custom": None, "standard": ["apgd-ce", "apgd-t", "fab-t", "square"]}
@@ -52,7 +52,7 @@ class AutoAttack(ImageAttack):
         if missing:
             raise UserError(f"{owner} version {self.params.version!r} needs the attacks {missing}, "
                             "which are not registered", "use version: custom or install them")
-        self.components = [api.build("attacks", n, self._component_options(n)) for n in names]
+        self.components = [build_component(owner, n, self._component_options(n), "image") for n in names]
 
     def _component_options(self, name: str) -> dict:
         options = {"eps": self.params.eps, "norm": self.params.norm}
