@@ -11,5 +11,5 @@ class Undefended(Defense):
     description = "the base model as is (no fine-tuning)"
     trains = False
 
-    def fit(self, victim, progress: bool = True) -> dict:
+    def fit(self, victim, run) -> dict:
         return {}

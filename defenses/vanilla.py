@@ -51,7 +51,7 @@ class VanillaFineTuning(Defense):
     def training_data(self) -> dict:
         return {"datasets": list(self.params.train_datasets), "split": self.params.split}
 
-    def fit(self, victim, progress: bool = True) -> dict:
+    def fit(self, victim, run) -> dict:
         p = self.params
         batches = ClassificationBatches(victim, list(p.train_datasets), p.split, p.batch_size, p.seed)
 
@@ -62,4 +62,6 @@ class VanillaFineTuning(Defense):
 
         schedule = Schedule(steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup)
         return run_training(victim.model, victim.model.visual.parameters(), schedule, loss_at,
-                            desc=f"fit {self.name}", progress=progress)
+                            desc=f"fit {self.name}", progress=run.progress,
+                            generators={"batches": batches.generator}, checkpoint_dir=run.workdir,
+                            checkpoint_every=run.checkpoint_every, batch_size=p.batch_size)

@@ -231,8 +231,13 @@ class Defense(Plugin):
         """A description of the training data, part of the checkpoint's cache key."""
         return {}
 
-    def fit(self, victim, progress: bool = True) -> dict[str, Any]:
-        """Train ``victim`` in place; return a summary (losses, timings) for the record."""
+    def fit(self, victim, run) -> dict[str, Any]:
+        """Train ``victim`` in place; return a summary (losses, timings) for the record.
+
+        ``run`` is a :class:`vlbench.train.TrainingRun`: pass its ``workdir`` and
+        ``checkpoint_every`` to :func:`vlbench.train.run_training` so training checkpoints
+        and resumes.
+        """
         raise NotImplementedError
 
 

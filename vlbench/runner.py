@@ -18,6 +18,7 @@ import json
 import logging
 import platform
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .io import atomic_save_tensors, atomic_write_json, stable_hash
 from .model import WORLD_MODEL, Victim, load_victim
 from .paths import builtin_root, cache_dir
 from .tasks import EvalContext, evaluate
+from .train import TrainingRun
 
 log = logging.getLogger(__name__)
 RESULT_SCHEMA = 1
@@ -216,12 +218,15 @@ def obtain_model(base: Victim, defense: api.Defense, progress: bool) -> tuple[Vi
             return victim, {"trained": True, "checkpoint": str(path), "reused": True}
         except Exception as exc:  # a damaged checkpoint is rebuilt, not trusted
             log.warning("checkpoint %s unreadable (%s); training again", path, exc)
-    summary = defense.fit(victim, progress=progress)
+    # Intermediate checkpoints live beside the final one, so a killed run resumes training.
+    workdir = path.with_suffix(".partial")
+    summary = defense.fit(victim, TrainingRun(progress=progress, workdir=workdir))
     victim.requires_grad_(False)
     victim.eval()
     victim.weights_changed()
     atomic_save_tensors(path, victim.model.state_dict(),
                         metadata={"key": json.dumps(key, default=str), "summary": json.dumps(summary)})
+    shutil.rmtree(workdir, ignore_errors=True)
     return victim, {"trained": True, "checkpoint": str(path), "reused": False, "fit": summary}
 
 

@@ -1,24 +1,33 @@
 """The training loop defenses share: AdamW with linear warmup and cosine decay, seeded,
-with a progress bar, a declared set of trainable parameters, and a stop on a non-finite loss.
+with a progress bar (loss and throughput), a declared set of trainable parameters,
+safetensors checkpoints every N steps, exact resume, and a stop on a non-finite loss.
 
-A defense supplies ``loss_at(step) -> scalar tensor``; everything else (which parameters
-move, the schedule, determinism) is decided here so that defenses differ only in their
-objective.
+A defense supplies ``loss_at(step) -> scalar tensor`` and the random generators its batches
+and training attacks draw from; everything else (which parameters move, the schedule,
+checkpoints, determinism) is decided here so that defenses differ only in their objective.
+A run resumed from its last checkpoint ends with the same weights as an uninterrupted one
+(same seed, CPU): the checkpoint holds the weights, the optimizer's moments and the
+generators' states.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import UserError
+from .io import atomic_save_tensors
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
@@ -48,31 +57,122 @@ def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Parameter]) -> list[
     return params
 
 
+# -- checkpoints ------------------------------------------------------------------------
+_CHECKPOINT = re.compile(r"step-(\d+)\.safetensors$")
+
+
+def _checkpoint_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    for name, generator in generators.items():
+        tensors[f"rng.{name}"] = generator.get_state()
+    return tensors
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             generators: dict[str, torch.Generator]) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state = optimizer.state_dict()
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            moments.setdefault(int(index), {})[name] = value
+    state["state"] = moments
+    optimizer.load_state_dict(state)
+    for name, generator in generators.items():
+        generator.set_state(tensors[f"rng.{name}"])
+
+
+def latest_checkpoint(folder: Path | None) -> tuple[int, Path] | None:
+    """The newest readable ``step-N.safetensors`` in ``folder``."""
+    from safetensors import safe_open
+
+    if folder is None or not folder.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.search(p.name))),
+                   reverse=True)
+    for step, path in found:
+        try:
+            with safe_open(str(path), framework="pt"):
+                return step, path
+        except Exception:  # a damaged file is skipped; an older one still resumes
+            continue
+    return None
+
+
+@dataclass
+class TrainingRun:
+    """Where and how a defense's training runs, decided by the runner (not part of the
+    defense's identity: none of it changes the weights)."""
+
+    progress: bool = True
+    workdir: Path | None = None
+    checkpoint_every: int = 100
+
+
 def run_training(model: nn.Module, trainable: Iterable[nn.Parameter], schedule: Schedule,
-                 loss_at: Callable[[int], torch.Tensor], desc: str = "train",
-                 progress: bool = True) -> dict:
-    """Optimise ``loss_at`` over ``schedule.steps`` steps; return a summary for the record."""
+                 loss_at: Callable[[int], torch.Tensor], desc: str = "train", progress: bool = True,
+                 generators: dict[str, torch.Generator] | None = None, checkpoint_dir: Path | None = None,
+                 checkpoint_every: int = 0, batch_size: int | None = None) -> dict:
+    """Optimise ``loss_at`` over ``schedule.steps`` steps; return a summary for the record.
+
+    With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every`` steps and at the
+    end, and a run finding checkpoints there resumes from the newest one.
+    """
+    generators = generators or {}
     params = freeze_all_but(model, trainable)
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    first_step, resumed_from, last_good = 0, None, None
+    found = latest_checkpoint(checkpoint_dir)
+    if found is not None:
+        step, path = found
+        _restore(path, model, optimizer, generators)
+        first_step, resumed_from, last_good = step + 1, str(path), path
+
+    def save(step: int) -> Path:
+        path = checkpoint_dir / f"step-{step}.safetensors"
+        atomic_save_tensors(path, _checkpoint_tensors(model, optimizer, generators), metadata={"step": str(step)})
+        for older in checkpoint_dir.glob("step-*.safetensors"):
+            if older != path:
+                older.unlink(missing_ok=True)
+        return path
+
     model.train()
     started = time.perf_counter()
     losses = []
-    bar = tqdm(range(schedule.steps), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(first_step, schedule.steps), desc=desc, disable=not progress, leave=False,
+               initial=first_step, total=schedule.steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
         loss = loss_at(step)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step}")
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+            raise TrainingDiverged(f"{desc}: the loss became {loss.item()} at step {step} ({where})",
+                                   "lower the learning rate, or check the defense's inputs")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        postfix = {"loss": f"{loss.item():.3f}"}
+        if batch_size:
+            postfix["img/s"] = f"{batch_size * len(losses) / elapsed:.0f}"
+        bar.set_postfix(postfix)
+        if checkpoint_dir is not None and (
+                (checkpoint_every and (step + 1) % checkpoint_every == 0) or step == schedule.steps - 1):
+            last_good = save(step)
     model.eval()
     model.requires_grad_(False)
-    return {"steps": schedule.steps, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
+    return {"steps": schedule.steps, "resumed_from": resumed_from,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "seconds": round(time.perf_counter() - started, 2)}
 
 
