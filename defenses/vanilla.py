@@ -8,60 +8,29 @@ as ``finetuning.py --VPbaseline`` does; research/defenses.md §2):
 
 where ``f_θ`` is the image encoder being fine-tuned, ``g`` the frozen text encoder, ``s`` the
 (frozen) logit scale and ``w_c`` the class-prompt embeddings of the training dataset, computed
-once from the base model. Only the image encoder trains. This keeps ``vanilla`` matched to
-TeCoA in everything except the attack, so the two differ by adversarial training alone.
-Optimiser: AdamW with warmup and cosine decay (the choice of FARE and TGA-ZSR; TeCoA's code
-uses SGD). Several training datasets take turns step by step.
+once from the base model. Only the image encoder trains. The parameters are TeCoA's, so
+``vanilla`` and ``tecoa`` differ by the adversarial examples alone.
 """
 
-from dataclasses import dataclass, field
-
-import torch.nn.functional as F
-
-from vlbench.api import Defense, check_range, defenses
-from vlbench.train import ClassificationBatches, Schedule, run_training
-
-WORLD_TASKS = ["world-shape", "world-colour", "world-size", "world-position", "world-texture"]
+from vlbench.api import defenses
+from vlbench.losses import class_prompt_loss
+from vlbench.train import ClassPromptParams, TrainingDefense
 
 
 @defenses.register("vanilla")
-class VanillaFineTuning(Defense):
+class VanillaFineTuning(TrainingDefense):
     """Clean fine-tuning of the image encoder on class-prompt cross-entropy."""
 
     paper = "clean fine-tuning baseline (TeCoA objective with no attack; Mao et al., ICLR 2023)"
     description = "clean fine-tuning of the image encoder against frozen class prompts"
 
-    @dataclass
-    class Params:
-        train_datasets: list = field(default_factory=lambda: list(WORLD_TASKS))
-        split: str = "train"
-        steps: int = 300
-        batch_size: int = 128
-        lr: float = 1e-4
-        weight_decay: float = 1e-4
-        warmup: int = 30
-        seed: int = 0
-
-    def validate(self) -> None:
-        owner = f"defense {self.name}"
-        check_range(owner, "steps", self.params.steps, 1, 10_000_000)
-        check_range(owner, "batch_size", self.params.batch_size, 1, 1_000_000)
-        check_range(owner, "lr", self.params.lr, 0, 1)
-
-    def training_data(self) -> dict:
-        return {"datasets": list(self.params.train_datasets), "split": self.params.split}
+    Params = ClassPromptParams
 
     def fit(self, victim, run) -> dict:
-        p = self.params
-        batches = ClassificationBatches(victim, list(p.train_datasets), p.split, p.batch_size, p.seed)
+        batches = self.batches(victim)
 
         def loss_at(step: int):
             images, labels, weights = batches.batch(step)
-            logits = victim.logit_scale.detach() * victim.encode_image(images) @ weights.T
-            return F.cross_entropy(logits, labels)
+            return class_prompt_loss(victim.encode_image(images), weights, labels, victim.logit_scale.detach())
 
-        schedule = Schedule(steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup)
-        return run_training(victim.model, victim.model.visual.parameters(), schedule, loss_at,
-                            desc=f"fit {self.name}", progress=run.progress,
-                            generators={"batches": batches.generator}, checkpoint_dir=run.workdir,
-                            checkpoint_every=run.checkpoint_every, batch_size=p.batch_size)
+        return self.train(victim, run, victim.model.visual.parameters(), loss_at, {"batches": batches.generator})

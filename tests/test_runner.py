@@ -67,7 +67,8 @@ def test_subset_is_seeded_and_hashed(tmp_path, world_checkpoint_path):
 
 
 def test_defense_trains_once_and_is_reused(tmp_path, world_checkpoint_path):
-    vanilla = PluginSpec("vanilla", "vanilla", {"steps": 4, "batch_size": 16, "warmup": 1})
+    vanilla = PluginSpec("vanilla", "vanilla", {"steps": 4, "batch_size": 16, "warmup": 1, "optimizer": "adamw",
+                                               "train_datasets": ["world-colour", "world-shape"]})
     first = config(tmp_path / "one", world_checkpoint_path, defenses=[vanilla],
                    attacks=[PluginSpec("none", "none")], datasets=["world-colour", "world-shape"])
     run_matrix(first, progress=False)

@@ -202,3 +202,20 @@ class ProjectedGradientAttack(ImageAttack):
             images, lambda x, rows: self.loss(objective, x, rows), objective.correct,
             self.params.norm, eps, step_size, self.params.steps, self.params.restarts,
             self.params.random_start, generator, report=self.note)
+
+
+def momentum_sign_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps: int,
+                      momentum: float, generator: torch.Generator) -> torch.Tensor:
+    """FARE's training attack (Schlarmann et al., ICML 2024; RobustVLM ``pgd_train.py``):
+    L∞ PGD from a uniform start whose step follows a momentum of sign-normalised gradients,
+    ``v ← μ·v + sign(∇)``, ``δ ← Proj(δ + α·sign(v))``."""
+    if eps == 0:
+        return images.clone()
+    delta = random_start(images, "Linf", eps, generator)
+    velocity = torch.zeros_like(images)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss_fn(images + delta).sum(), delta)
+        velocity = momentum * velocity + gradient.sign()
+        delta = into_box(images, project(delta.detach() + step_size * velocity.sign(), "Linf", eps))
+    return (images + delta).detach()

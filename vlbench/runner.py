@@ -83,6 +83,8 @@ class MatrixConfig:
         if not isinstance(raw, dict):
             raise UserError(f"config {source} is not a mapping", "see configs/world.yaml for the format")
         known = {f.name for f in dataclasses.fields(cls)}
+        # "x-" keys are extension fields: YAML anchors shared by several entries.
+        raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}
         unknown = set(raw) - known
         if unknown:
             raise UserError(f"config {source} has unknown keys {sorted(unknown)}",

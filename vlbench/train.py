@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .api import Defense, check_range
 from .errors import UserError
 from .io import atomic_save_tensors
 
@@ -31,12 +32,23 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass
 class Schedule:
     steps: int
     lr: float
     weight_decay: float = 0.0
     warmup: int = 0
+    optimizer: str = "adamw"   # or "sgd" (momentum 0.9, as TeCoA's code)
+
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        raise UserError(f"unknown optimizer {self.optimizer!r}", f"use one of {OPTIMIZERS}")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to zero (open_clip's ``cosine_lr``)."""
@@ -128,7 +140,7 @@ def run_training(model: nn.Module, trainable: Iterable[nn.Parameter], schedule: 
     """
     generators = generators or {}
     params = freeze_all_but(model, trainable)
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    optimizer = schedule.make_optimizer(params)
     first_step, resumed_from, last_good = 0, None, None
     found = latest_checkpoint(checkpoint_dir)
     if found is not None:
@@ -208,3 +220,80 @@ class ClassificationBatches:
         images = torch.stack([item[0] for item in items]).to(self.device)
         labels = torch.as_tensor([int(item[1]) for item in items], device=self.device)
         return images, labels, self.weights[which]
+
+
+@dataclass
+class TrainingParams:
+    """The parameters every training defense has; defenses override the defaults with their
+    paper's values (defaults here: FARE's ImageNet recipe, Schlarmann et al., ICML 2024)."""
+
+    train_datasets: list = field(default_factory=lambda: ["imagenet"])
+    split: str = "train"
+    steps: int = 20000
+    batch_size: int = 128
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    warmup: int = 1400
+    optimizer: str = "adamw"
+    seed: int = 0
+
+
+class TrainingDefense(Defense):
+    """A defense trained by :func:`run_training` on classification training splits."""
+
+    Params = TrainingParams
+
+    def validate(self) -> None:
+        owner = f"defense {self.name}"
+        p = self.params
+        check_range(owner, "steps", p.steps, 1, 100_000_000)
+        check_range(owner, "batch_size", p.batch_size, 1, 1_000_000)
+        check_range(owner, "lr", p.lr, 0, 10)
+        check_range(owner, "warmup", p.warmup, 0, 100_000_000)
+        if p.optimizer not in OPTIMIZERS:
+            raise UserError(f"{owner} optimizer {p.optimizer!r} is unknown", f"use one of {OPTIMIZERS}")
+        if not p.train_datasets:
+            raise UserError(f"{owner} has no train_datasets", "name at least one classification dataset")
+
+    def training_data(self) -> dict:
+        return {"datasets": list(self.params.train_datasets), "split": self.params.split}
+
+    def schedule(self) -> Schedule:
+        p = self.params
+        return Schedule(steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup, optimizer=p.optimizer)
+
+    def batches(self, victim) -> "ClassificationBatches":
+        p = self.params
+        return ClassificationBatches(victim, list(p.train_datasets), p.split, p.batch_size, p.seed)
+
+    def train(self, victim, run: TrainingRun, trainable, loss_at, generators: dict) -> dict:
+        return run_training(victim.model, trainable, self.schedule(), loss_at, desc=f"fit {self.name}",
+                            progress=run.progress, generators=generators, checkpoint_dir=run.workdir,
+                            checkpoint_every=run.checkpoint_every, batch_size=self.params.batch_size)
+
+
+@dataclass
+class ClassPromptParams(TrainingParams):
+    """The class-prompt fine-tuning recipe of the TeCoA lineage (Mao et al., ICLR 2023; README:
+    ImageNet, batch 256; code: SGD with momentum 0.9, no weight decay, warmup 1000, 10 epochs
+    ≈ 50k steps). lr 1e-5 as TGA-ZSR reruns TeCoA: the paper's own value could not be verified
+    (research/defenses.md §3)."""
+
+    steps: int = 50000
+    batch_size: int = 256
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup: int = 1000
+    optimizer: str = "sgd"
+
+
+def in_eval_mode(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``compute`` (a training-time attack) with the model in eval mode, as FARE's and
+    TeCoA's training loops do, so batch-norm statistics are not updated by attack steps."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return compute().detach()
+    finally:
+        model.train(was_training)

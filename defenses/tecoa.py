@@ -1,0 +1,64 @@
+"""TeCoA: text-guided contrastive adversarial training of the image encoder.
+
+Mao, Geng, Yang, Wang, Vondrick, "Understanding Zero-Shot Adversarial Robustness for Large-
+Scale Models", ICLR 2023, §3 (``finetuning.py`` ``train``; research/defenses.md §3):
+
+    L(θ) = E_(x,y) [ CE( s · cos(f_θ(x + δ*), w_c)_{c=1..C}, y ) ],
+    δ* = argmax_{‖δ‖∞ ≤ ε} CE( s · cos(f_θ(x + δ), w_c), y ),
+
+with ``w_c`` the frozen class-prompt embeddings of the training classes and δ* found by L∞
+PGD (uniform start, sign steps; README: ε = 1/255, 2 steps, α = 1/255) run with the model in
+eval mode. Only the image encoder trains; the text encoder and logit scale stay frozen. The
+rest of the recipe is the TeCoA lineage's (ImageNet, SGD, batch 256), shared with ``vanilla``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vlbench.api import check_range, defenses
+from vlbench.losses import class_prompt_loss
+from vlbench.perturb import projected_gradient_ascent
+from vlbench.train import ClassPromptParams, TrainingDefense, in_eval_mode
+
+
+@defenses.register("tecoa")
+class TeCoA(TrainingDefense):
+    """Adversarial fine-tuning of the image encoder against frozen class prompts."""
+
+    paper = "Mao et al., ICLR 2023 (TeCoA), §3"
+    description = "adversarial fine-tuning of the image encoder on class-prompt cross-entropy"
+
+    @dataclass
+    class Params(ClassPromptParams):
+        eps: float = 1.0             # training attack L∞ radius, in 1/255
+        attack_steps: int = 2
+        attack_step_size: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        owner = f"defense {self.name}"
+        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
+        check_range(owner, "attack_steps", self.params.attack_steps, 0, 10_000)
+
+    def fit(self, victim, run) -> dict:
+        p = self.params
+        batches = self.batches(victim)
+        attack_rng = torch.Generator().manual_seed(p.seed + 1)
+        scale = victim.logit_scale.detach()
+
+        def loss_at(step: int):
+            images, labels, weights = batches.batch(step)
+
+            def attack():
+                return projected_gradient_ascent(
+                    images, lambda x, rows: class_prompt_loss(victim.encode_image(x), weights, labels[rows], scale,
+                                                              reduction="none"),
+                    lambda x, rows: torch.ones(len(x), dtype=torch.bool), "Linf", p.eps / 255,
+                    p.attack_step_size / 255, p.attack_steps, 1, True, attack_rng)
+
+            adversarial = in_eval_mode(victim.model, attack)
+            return class_prompt_loss(victim.encode_image(adversarial), weights, labels, scale)
+
+        return self.train(victim, run, victim.model.visual.parameters(), loss_at,
+                          {"batches": batches.generator, "attack": attack_rng})
