@@ -241,8 +241,14 @@ class Defense(Plugin):
         raise NotImplementedError
 
 
-attacks: Registry[type[Attack]] = Registry("attack", base=Attack)
-defenses: Registry[type[Defense]] = Registry("defense", base=Defense)
+def _discover_plugins() -> None:
+    from . import plugins
+
+    plugins.load_all()
+
+
+attacks: Registry[type[Attack]] = Registry("attack", base=Attack, on_miss=_discover_plugins)
+defenses: Registry[type[Defense]] = Registry("defense", base=Defense, on_miss=_discover_plugins)
 
 
 def registry_for(kind: str) -> Registry:

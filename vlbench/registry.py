@@ -67,10 +67,13 @@ def _import_target(target: str | EntryPoint) -> Any:
 class Registry(Generic[T]):
     """A name → object mapping with decorator registration and lazy entries."""
 
-    def __init__(self, kind: str, base: type | None = None):
+    def __init__(self, kind: str, base: type | None = None, on_miss: Callable[[], None] | None = None):
         self.kind = kind
         self.base = base
         self._entries: dict[str, _Entry] = {}
+        # Called once, the first time a name is missing: discovers entries that load lazily
+        # (e.g. plugins), so lookups work without an explicit discovery step.
+        self._on_miss = on_miss
 
     # -- registration -------------------------------------------------------------------
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
@@ -117,7 +120,14 @@ class Registry(Generic[T]):
             raise RegistryError(f"{self.kind} {name!r} must be a subclass of {self.base.__name__}")
 
     # -- lookup ---------------------------------------------------------------------------
+    def _discover(self) -> None:
+        if self._on_miss is not None:
+            discover, self._on_miss = self._on_miss, None
+            discover()
+
     def get(self, name: str) -> T:
+        if name not in self._entries:
+            self._discover()
         entry = self._entries.get(name)
         if entry is None:
             raise UnknownNameError(self.unknown_message(name))
@@ -138,12 +148,15 @@ class Registry(Generic[T]):
         return self._entries[name].origin
 
     def names(self) -> list[str]:
+        self._discover()
         return sorted(self._entries)
 
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._entries:
+            self._discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:

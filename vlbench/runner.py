@@ -253,7 +253,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     todo = plan.todo()
     # Check every dataset loads before spending compute (a missing one is bad input).
     datasets: dict[str, EvalData] = {name: load_dataset(name) for name in {c.dataset for c in todo}}
-    for plugin in {id(c.attack): c.attack for c in todo}.values():
+    for plugin in {id(p): p for c in todo for p in (c.attack, c.defense)}.values():
         plugin.prepare()
     out = Path(cfg.out)
     for stale in (out / "cells").glob(".*.tmp") if (out / "cells").is_dir() else ():

@@ -32,7 +32,7 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass
@@ -41,9 +41,11 @@ class Schedule:
     lr: float
     weight_decay: float = 0.0
     warmup: int = 0
-    optimizer: str = "adamw"   # or "sgd" (momentum 0.9, as TeCoA's code)
+    optimizer: str = "adamw"   # "sgd": momentum 0.9 (TeCoA); "adam": CLIP's betas, coupled L2 (MMCoA)
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=self.weight_decay)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         if self.optimizer == "adamw":
