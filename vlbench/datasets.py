@@ -199,6 +199,11 @@ def resolve_root(spec: DatasetSpec) -> Path:
 
 
 # -- transforms ---------------------------------------------------------------------------
+def _to_rgb(image):
+    # A module-level function (not a lambda) keeps datasets picklable for spawned DataLoader workers.
+    return image.convert("RGB")
+
+
 def build_transform(spec: Any) -> Callable:
     """A PIL → [0,1] tensor transform from a card's ``transform`` value.
 
@@ -208,7 +213,7 @@ def build_transform(spec: Any) -> Callable:
     """
     from torchvision import transforms as T
 
-    steps: list[Callable] = [lambda img: img.convert("RGB")]
+    steps: list[Callable] = [_to_rgb]
     if spec in (None, "native"):
         pass
     elif isinstance(spec, dict) and set(spec) <= {"resize", "crop"}:
