@@ -5,6 +5,7 @@
     vlbench ls defenses|attacks|datasets
     vlbench leaderboard RESULTS_DIR
     vlbench world pretrain [--force]
+    vlbench augment [--dataset world-retrieval] [--pools all]
 
 Bad input (unknown names, malformed YAML, missing data or checkpoints, out-of-range
 parameters) prints one line naming the problem and the fix and exits with status 2.
@@ -72,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = commands.add_parser("leaderboard", help="write leaderboard CSV/Markdown/HTML from results")
     board.add_argument("results_dir", type=Path)
+
+    augment = commands.add_parser("augment", help="precompute and cache an N:N augmentation bank")
+    augment.add_argument("--dataset", default="world-retrieval", help="a retrieval dataset")
+    augment.add_argument("--split", default="train")
+    augment.add_argument("--pools", type=_names, default=["all"], help="'all' or pool names, comma-separated")
+    augment.add_argument("--per-pool", type=int, default=2)
+    augment.add_argument("--margin", type=float, default=0.05, help="alignment filter margin")
+    augment.add_argument("--model", default=None, help="base model (default: the world CLIP)")
+    augment.add_argument("--pretrained", default=None)
+    augment.add_argument("--data-root", type=Path)
 
     world = commands.add_parser("world", help="the synthetic world")
     world_commands = world.add_subparsers(dest="world_command", required=True)
@@ -179,6 +190,35 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_augment(args: argparse.Namespace) -> int:
+    import os
+
+    from tabulate import tabulate
+
+    from .augment import IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
+    from .datasets import load_dataset
+    from .model import WORLD_MODEL, load_victim
+
+    if args.data_root:
+        os.environ["VLBENCH_DATA"] = str(args.data_root)
+    pools = TEXT_POOLS + IMAGE_POOLS if "all" in args.pools else tuple(args.pools)
+    unknown = set(pools) - set(TEXT_POOLS + IMAGE_POOLS)
+    if unknown:
+        raise UserError(f"unknown augmentation pools {sorted(unknown)}", f"use all or {TEXT_POOLS + IMAGE_POOLS}")
+    data = load_dataset(args.dataset, split=args.split)
+    if data.task != "retrieval":
+        raise UserError(f"{args.dataset} is a {data.task} dataset", "augment a retrieval dataset")
+    victim = load_victim(args.model or WORLD_MODEL, args.pretrained)
+    config = AugmentConfig(tuple(p for p in TEXT_POOLS if p in pools), tuple(p for p in IMAGE_POOLS if p in pools),
+                           args.per_pool, args.margin)
+    bank, folder = cached_bank(victim, data, config)
+    print(folder)
+    rows = [(pool, s["generated"], f"{100 * s['kept_fraction']:.1f}%", f"{s['alignment']:.3f}", f"{s['diversity']:.3f}")
+            for pool, s in bank.stats.items()]
+    print(tabulate(rows, headers=["pool", "generated", "kept", "alignment", "diversity"]))
+    return 0
+
+
 def cmd_world(args: argparse.Namespace) -> int:
     import json
 
@@ -202,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
-    handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world}
+    handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
+                "augment": cmd_augment}
     try:
         return handlers[args.command](args)
     except UserError as exc:
