@@ -1,0 +1,90 @@
+"""N:N: EDA rewrites, the world's generators, the augmentation bank's alignment filter and
+statistics, and MAT training (both encoders, resumable through the shared trainer)."""
+
+import copy
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from vlbench import api
+from vlbench.augment import AugmentConfig, build_bank, cached_bank
+from vlbench.datasets import EvalData, get_spec, loaders
+from vlbench.generators import WorldCaptioner, WorldPainter
+from vlbench.world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
+from vlbench.train import TrainingRun
+from vlbench.words import eda, split_words
+
+
+def test_eda_operations():
+    rng = random.Random(0)
+    text = "a small red circle on a striped background"
+    assert split_words(eda(text, "sr", rng, alpha=0.5)) != split_words(text)
+    assert len(split_words(eda(text, "ri", rng))) == len(split_words(text)) + 1
+    assert sorted(split_words(eda(text, "rs", rng))) == sorted(split_words(text))
+    assert len(split_words(eda(text, "rd", rng, alpha=0.5))) < len(split_words(text)) + 1
+    with pytest.raises(ValueError):
+        eda(text, "xx", rng)
+
+
+@pytest.fixture(scope="module")
+def small_retrieval():
+    """24 training scenes of the world's retrieval task."""
+    spec = dataclasses.replace(get_spec("world-retrieval"), split="train", options={"n": 24})
+    loaded = loaders.get(spec.loader)(spec, None, None)
+    return EvalData(spec, loaded.images, None, None, loaded.captions)
+
+
+def test_world_generators_are_exact(small_retrieval):
+    from vlbench.world.scenes import scene_from_caption
+
+    scenes = small_retrieval.images.scenes
+    captions = WorldCaptioner(scenes).caption(None, [0, 1], 3, random.Random(0))
+    assert all(len(c) == 3 for c in captions)
+    for row, texts in zip([0, 1], captions):
+        for text in texts:
+            named = scene_from_caption(text)
+            assert all(getattr(scenes[row], k) == v for k, v in named.items()) and named
+    drawn = WorldPainter().draw(small_retrieval.captions[0][:2], (32, 32), random.Random(0))
+    assert drawn.shape == (2, 3, 32, 32) and 0 <= drawn.min() and drawn.max() <= 1
+
+
+def test_bank_filters_by_alignment_and_reports_every_pool(world_victim, small_retrieval):
+    loose = build_bank(world_victim, small_retrieval, AugmentConfig(margin=10.0, per_pool=1), progress=False)
+    strict = build_bank(world_victim, small_retrieval, AugmentConfig(margin=-10.0, per_pool=1), progress=False)
+    assert set(loose.stats) == {"captions", "eda", "captioner", "crop", "flip", "randaugment", "painter"}
+    assert all(s["kept_fraction"] == 1.0 for s in loose.stats.values())
+    assert all(s["kept_fraction"] == 0.0 for s in strict.stats.values())
+    assert len(strict.images) == 0 and all(t == [] for t in strict.texts)
+    assert len(loose.images) == len(loose.image_owner) > 0 and loose.images.dtype == torch.uint8
+    for pool, stats in loose.stats.items():
+        assert stats["generated"] > 0 and -1 <= stats["alignment"] <= 1 and 0 <= stats["diversity"] <= 2, pool
+
+
+def test_bank_is_cached(world_victim, small_retrieval):
+    config = AugmentConfig(per_pool=1, text_pools=("eda",), image_pools=("flip",))
+    first, folder = cached_bank(world_victim, small_retrieval, config, progress=False)
+    second, again = cached_bank(world_victim, small_retrieval, config, progress=False)
+    assert folder == again and first.texts == second.texts and torch.equal(first.images, second.images)
+
+
+@pytest.mark.parametrize("augment", [["none"], ["captions", "eda", "flip", "painter"]])
+def test_nn_trains_both_encoders(world_victim, augment, monkeypatch):
+    victim = copy.deepcopy(world_victim)
+    defense = api.build("defenses", "nn", {"train_datasets": ["world-retrieval"], "steps": 2, "batch_size": 8,
+                                           "warmup": 0, "lr": 1e-4, "augment": augment, "per_pool": 1,
+                                           "text_attack": "deepwordbug", "text_params": {"budget": 1}})
+    before = {k: v.clone() for k, v in victim.model.state_dict().items()}
+    summary = defense.fit(victim, TrainingRun(progress=False))
+    changed = {k for k, v in victim.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert "logit_scale" in changed
+    assert any(k.startswith("visual.") for k in changed) and any(k.startswith("transformer.") for k in changed)
+    assert ("augmentation" in summary) == (augment != ["none"])
+
+
+def test_nn_rejects_unknown_pools_and_classification_data():
+    from vlbench.errors import UserError
+
+    with pytest.raises(UserError, match="unknown augmentation pools"):
+        api.build("defenses", "nn", {"augment": ["mixup"]})
