@@ -1,0 +1,349 @@
+"""The world's tiny CLIP: its open_clip config, deterministic CPU pretraining, and its cache.
+
+The model is a plain open_clip ``CLIP`` (architecture in ``model_configs/vlbench-world.json``,
+registered with open_clip as ``vlbench-world``), pretrained from scratch with the symmetric
+CLIP contrastive loss on rendered train-split scenes paired with :func:`random_caption`.
+Images pass through :class:`vlbench.model.Victim`, so training sees exactly the resize and
+normalisation that evaluation and attacks use.
+
+:func:`world_checkpoint` keeps the result in the user cache under a name that hashes the
+training config and the architecture; a missing or unreadable file is (re)trained and
+written atomically, with a JSON sidecar holding the config, the wall time and the measured
+zero-shot and retrieval quality.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..io import atomic_save_tensors, atomic_write_json, stable_hash
+from ..model import WORLD_MODEL, Victim
+from ..paths import cache_dir
+from .scenes import (ATTRIBUTES, TEMPLATES, Scene, describe, random_caption, render, sample_scenes,
+                     scene_from_caption)
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+RESOLUTION = 32
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining hyper-parameters (defaults tuned for about four minutes on two CPU cores)."""
+
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    n_train: int = 20000
+    seed: int = 0
+    #: bfloat16 autocast for the forward pass (weights and optimiser stay float32): about
+    #: twice the CPU throughput of float32 where the CPU has bf16 instructions.
+    mixed_precision: bool = True
+    #: Share of each batch drawn as families (see :class:`BatchSampler`): scenes that differ
+    #: in exactly one attribute. Random batches almost never contain two scenes that agree
+    #: on four attributes, so without them nothing forces the model to tell shapes apart
+    #: once colour and texture already separate the batch.
+    families: float = 0.5
+    #: Count every caption that is true of an image as a positive (captions that name only
+    #: some attributes fit many images of a batch); False gives the one-hot CLIP targets.
+    caption_aware_targets: bool = True
+    text_lr_scale: float = 1.0
+    #: Besides its random caption, pair every image with one zero-shot-style prompt per
+    #: attribute (a random template of :data:`TEMPLATES`). The batch then carries a signal
+    #: for every attribute at every step, as a multi-task classifier would see; with one
+    #: caption per image, the easy attributes (colour, texture) are learned first and
+    #: suppress the hard ones (shape never rises above chance in a 4-minute budget).
+    attribute_prompts: bool = True
+
+
+_registered = False
+
+
+def register_world_model_config() -> None:
+    """Make ``open_clip.create_model('vlbench-world')`` work (idempotent)."""
+    global _registered
+    import open_clip
+
+    if not _registered or WORLD_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def world_model_config() -> dict:
+    """The architecture, as open_clip reads it from the JSON file."""
+    return json.loads((MODEL_CONFIG_DIR / f"{WORLD_MODEL}.json").read_text())
+
+
+def build_victim(model_cfg: dict | None = None) -> Victim:
+    """A randomly initialised world CLIP (seed the RNG first), wrapped as a Victim."""
+    import open_clip
+
+    cfg = copy.deepcopy(model_cfg or world_model_config())
+    model = open_clip.CLIP(**cfg)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+    return Victim(model, tokenizer, WORLD_MODEL, None)
+
+
+class CaptionTokens:
+    """Token rows of captions, tokenised once per distinct string (the tokenizer is pure Python)."""
+
+    def __init__(self, tokenizer: Callable):
+        self.tokenizer = tokenizer
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(c for c in captions if c not in self.rows))
+        if missing:
+            for caption, row in zip(missing, self.tokenizer(missing)):
+                self.rows[caption] = row
+        return torch.stack([self.rows[c] for c in captions])
+
+
+def _lr_at(step: int, config: PretrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: torch.nn.Module, config: "PretrainConfig") -> list[dict]:
+    # As in open_clip's trainer: no decay on gains, biases and the temperature.
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        decay = not (param.ndim < 2 or "logit_scale" in name or "bn" in name or "ln" in name)
+        text = not name.startswith("visual.") and "logit_scale" not in name
+        groups.setdefault((decay, text), []).append(param)
+    return [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+             "lr_scale": config.text_lr_scale if text else 1.0}
+            for (decay, text), params in groups.items()]
+
+
+#: How often each attribute is the one that varies within a family (shape is the hardest).
+_FAMILY_WEIGHTS = {"shape": 3.0, "colour": 1.0, "size": 1.0, "position": 1.0, "texture": 1.0}
+
+
+class BatchSampler:
+    """Seeded training batches of scene indices, part of them "families".
+
+    A family is a group of train scenes that agree on every attribute but one and take
+    different values of that one. Within a family the easy attributes (colour, texture)
+    cannot tell captions apart, so the loss has to use the varying one; without families
+    the easy attributes separate a random batch and suppress the hard ones (shape).
+    """
+
+    def __init__(self, scenes: list[Scene], batch_size: int, family_share: float, seed: int):
+        self.codes = attribute_codes(scenes)
+        self.batch_size = batch_size
+        self.family_budget = int(batch_size * family_share)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(f"families:{seed}")
+        self.by_combo: dict[tuple[int, ...], list[int]] = {}
+        for index, code in enumerate(self.codes.tolist()):
+            self.by_combo.setdefault(tuple(code), []).append(index)
+        self.permutation, self.cursor = self._shuffle(), 0
+
+    def _shuffle(self) -> list[int]:
+        return torch.randperm(len(self.codes), generator=self.generator).tolist()
+
+    def _draw(self, count: int) -> list[int]:
+        if self.cursor + count > len(self.permutation):
+            self.permutation, self.cursor = self._shuffle(), 0
+        picked = self.permutation[self.cursor:self.cursor + count]
+        self.cursor += count
+        return picked
+
+    def _family(self, index: int, limit: int) -> list[int]:
+        names = list(ATTRIBUTES)
+        attribute = self.rng.choices(range(len(names)), weights=[_FAMILY_WEIGHTS[n] for n in names])[0]
+        code = self.codes[index].tolist()
+        family = [index]
+        for value in range(len(ATTRIBUTES[names[attribute]])):
+            if value == code[attribute] or len(family) >= limit:
+                continue
+            sibling = list(code)
+            sibling[attribute] = value
+            candidates = self.by_combo.get(tuple(sibling))
+            if candidates:
+                family.append(self.rng.choice(candidates))
+        return family
+
+    def next(self) -> list[int]:
+        batch: list[int] = []
+        while len(batch) < self.family_budget:
+            batch += self._family(self._draw(1)[0], self.family_budget - len(batch))
+        return batch + self._draw(self.batch_size - len(batch))
+
+
+def attribute_codes(scenes: list[Scene]) -> torch.Tensor:
+    """[N, 5] class indices of each scene's attributes."""
+    return torch.tensor([[values.index(getattr(s, name)) for name, values in ATTRIBUTES.items()]
+                         for s in scenes])
+
+
+@lru_cache(maxsize=None)
+def _mentioned(caption: str) -> tuple[int, ...]:
+    """Class index per attribute that ``caption`` names, -1 where it names none."""
+    found = scene_from_caption(caption)
+    return tuple(values.index(found[name]) if name in found else -1
+                 for name, values in ATTRIBUTES.items())
+
+
+def _attribute_prompts(scenes: list[Scene], rng: random.Random) -> list[str]:
+    return [rng.choice(TEMPLATES[name]).format(c=getattr(scene, name))
+            for scene in scenes for name in ATTRIBUTES]
+
+
+def _caption_targets(codes: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """[images, captions]: 1 where the caption is true of the image."""
+    mentions = torch.tensor([_mentioned(c) for c in captions])
+    fits = ((mentions[None] == -1) | (mentions[None] == codes[:, None])).all(-1).float()
+    return fits
+
+
+def pretrain(config: PretrainConfig = PretrainConfig(), progress: bool = True,
+             model_cfg: dict | None = None,
+             on_step: Callable[[int, Victim], None] | None = None) -> dict[str, torch.Tensor]:
+    """Pretrain the world CLIP from scratch; returns its state dict.
+
+    Deterministic on CPU given ``config.seed``: model init and batch order come from torch's
+    seeded generators, captions from a seeded ``random.Random``. ``model_cfg`` overrides the
+    architecture and ``on_step(step, victim)`` is called after every step (both for
+    experiments; checkpoints of the cache always use the shipped config).
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed)
+    victim = build_victim(model_cfg)
+    victim.train()
+    scenes = sample_scenes("train", config.n_train, seed=config.seed)
+    images = render(scenes, RESOLUTION)
+    tokens = CaptionTokens(victim.tokenizer)
+    rng = random.Random(f"captions:{config.seed}")
+    sampler = BatchSampler(scenes, config.batch_size, config.families, config.seed)
+    codes = attribute_codes(scenes)
+    optimizer = torch.optim.AdamW(_param_groups(victim.model, config), lr=config.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    targets = torch.eye(config.batch_size)
+    bar = tqdm(range(config.steps), desc="pretrain world CLIP", disable=not progress, leave=False)
+    for step in bar:
+        batch = sampler.next()
+        captions = [random_caption(scenes[i], rng) for i in batch]
+        if config.attribute_prompts:
+            captions += _attribute_prompts([scenes[i] for i in batch], rng)
+            captions = list(dict.fromkeys(captions))  # each distinct string once
+        if config.caption_aware_targets or config.attribute_prompts:
+            targets = _caption_targets(codes[batch], captions)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config) * group["lr_scale"]
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.mixed_precision):
+            image_features = victim.encode_image(images[batch])
+            text_features = victim.encode_text(tokens(captions))
+        logits = victim.logit_scale * image_features.float() @ text_features.float().T
+        # soft cross-entropy: each image's probability mass is shared by the captions true of it
+        loss = (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
+                + F.cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdim=True))) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # CLIP's cap on the temperature
+            victim.model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step, victim)
+    victim.eval()
+    return {name: tensor.detach().clone() for name, tensor in victim.model.state_dict().items()}
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def _zero_shot_weights(victim: Victim, classnames: tuple[str, ...], templates: list[str]) -> torch.Tensor:
+    prompts = [template.format(c=name) for name in classnames for template in templates]
+    embeddings = victim.encode_texts(prompts).view(len(classnames), len(templates), -1)
+    return F.normalize(embeddings.mean(dim=1), dim=-1)
+
+
+def _embed_images(victim: Victim, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([victim.encode_image(images[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+
+
+def evaluate_world(victim: Victim) -> dict[str, float]:
+    """Zero-shot top-1 (%) per world task and retrieval R@1 (%) both ways on the test split."""
+    from .loaders import CAPTIONS_PER_IMAGE, DEFAULT_GALLERY, DEFAULT_SIZES, world_split
+
+    was_training = victim.training
+    victim.eval()
+    metrics: dict[str, float] = {}
+    scenes, images = world_split("test", DEFAULT_SIZES["test"])
+    features = _embed_images(victim, images)
+    for attribute, classes in ATTRIBUTES.items():
+        weights = _zero_shot_weights(victim, classes, TEMPLATES[attribute])
+        labels = torch.tensor([classes.index(getattr(s, attribute)) for s in scenes])
+        predicted = (features @ weights.T).argmax(dim=1)
+        metrics[f"world-{attribute}"] = 100.0 * (predicted == labels).float().mean().item()
+    metrics["zero_shot_mean"] = sum(metrics.values()) / len(ATTRIBUTES)
+
+    gallery, gallery_images = world_split("test", DEFAULT_GALLERY, unique_attributes=True)
+    image_features = _embed_images(victim, gallery_images)
+    texts = [caption for scene in gallery for caption in describe(scene, CAPTIONS_PER_IMAGE)]
+    text_features = victim.encode_texts(texts)
+    owner = torch.arange(len(gallery)).repeat_interleave(CAPTIONS_PER_IMAGE)
+    similarity = image_features @ text_features.T
+    metrics["i2t_R@1"] = 100.0 * (owner[similarity.argmax(dim=1)] == torch.arange(len(gallery))).float().mean().item()
+    metrics["t2i_R@1"] = 100.0 * (similarity.argmax(dim=0) == owner).float().mean().item()
+    victim.train(was_training)
+    return metrics
+
+
+# -- the cache ----------------------------------------------------------------------------------
+def checkpoint_path(config: PretrainConfig) -> Path:
+    key = stable_hash({"config": asdict(config), "model": world_model_config()})
+    return cache_dir() / "world" / f"{WORLD_MODEL}-{key}.safetensors"
+
+
+def _readable(path: Path) -> bool:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
+                     progress: bool = True) -> Path:
+    """Path of the cached world CLIP for ``config``, pretraining it first if needed."""
+    import open_clip
+
+    config = config or PretrainConfig()
+    path = checkpoint_path(config)
+    if not force and path.is_file() and _readable(path):
+        return path
+    register_world_model_config()
+    started = time.perf_counter()
+    state = pretrain(config, progress=progress)
+    seconds = time.perf_counter() - started
+    atomic_save_tensors(path, state, metadata={"config": json.dumps(asdict(config), sort_keys=True)})
+    model = open_clip.create_model(WORLD_MODEL, pretrained=str(path), weights_only=True)
+    victim = Victim(model, open_clip.get_tokenizer(WORLD_MODEL), WORLD_MODEL, str(path))
+    metrics = evaluate_world(victim)
+    atomic_write_json(path.with_suffix(".json"), {
+        "config": asdict(config), "model": world_model_config(), "pretrain_seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(), "metrics": {k: round(v, 2) for k, v in metrics.items()},
+    })
+    return path
