@@ -110,7 +110,6 @@ class NN(TrainingDefense):
             self.augmentation_stats = bank.stats
         batches = torch.Generator().manual_seed(p.seed)
         attack_rng = torch.Generator().manual_seed(p.seed + 1)
-        scale = victim.logit_scale
 
         def pick(options: int) -> int:
             return int(torch.randint(options, (1,), generator=batches))
@@ -123,6 +122,7 @@ class NN(TrainingDefense):
             return image, texts[pick(len(texts))]
 
         def loss_at(step: int):
+            scale = victim.logit_scale  # read each step: it trains, and needs the trainer's grad flags
             rows = torch.randint(len(data), (p.batch_size,), generator=batches).tolist()
             pairs = [draw(row) for row in rows]
             images = torch.stack([image for image, _ in pairs]).to(victim.device)
