@@ -69,7 +69,8 @@ def test_bank_is_cached(world_victim, small_retrieval):
     assert folder == again and first.texts == second.texts and torch.equal(first.images, second.images)
 
 
-@pytest.mark.parametrize("augment", [["none"], ["captions", "eda", "flip", "painter"]])
+@pytest.mark.parametrize("augment", [["none"], pytest.param(["captions", "eda", "flip", "painter"],
+                                                            marks=pytest.mark.slow)])
 def test_nn_trains_both_encoders(world_victim, augment, monkeypatch):
     victim = copy.deepcopy(world_victim)
     defense = api.build("defenses", "nn", {"train_datasets": ["world-retrieval"], "steps": 2, "batch_size": 8,
