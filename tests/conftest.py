@@ -37,7 +37,7 @@ def tiny_victim():
     return Victim(model, tokenizer, "tiny-test", None)
 
 
-QUICK_WORLD = dict(steps=60, n_train=2000)
+QUICK_WORLD = dict(steps=60, n_train=2000, text_frozen_steps=30)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vlbench import api, losses
 from vlbench.tasks import classifier_weights

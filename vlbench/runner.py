@@ -62,7 +62,7 @@ class PluginSpec:
             if options is None or isinstance(options, dict):
                 return cls(str(name), str(name), dict(options or {}))
         raise UserError(f"cannot read {kind} entry {entry!r}",
-                        f"write a name, {{name: {{param: value}}}} or {{name: ..., label: ..., param: value}}")
+                        "write a name, {name: {param: value}} or {name: ..., label: ..., param: value}")
 
 
 @dataclass
