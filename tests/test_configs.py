@@ -18,6 +18,7 @@ def plan(name):
     ("tecoa", 3 * 4 * 15, 0),
     ("mmcoa", 3 * 4 * 15, 0),
     ("fare", 4 * 3 * 12, 0),
+    ("nn", 3 * 3 * 2, 0),
 ])
 def test_config_plans_expected_cells(name, cells, skipped):
     result = plan(name)
@@ -32,6 +33,11 @@ def test_paper_protocols_use_the_papers_settings():
     assert {c.config["model"] for c in tecoa.cells} == {"ViT-B-32"}
     fare = plan("fare")
     assert {c.config["defense"]["params"]["eps"] for c in fare.cells if c.defense_label.startswith("fare")} == {2.0, 4.0}
+    nn = plan("nn")
+    assert {c.config["model"] for c in nn.cells} == {"ViT-B-16"}
+    assert {(c.defense_label, tuple(c.config["defense"]["params"].get("augment", ()))) for c in nn.cells} == {
+        ("none", ()), ("mat", ("none",)), ("nn", ("all",))}
+    assert {c.config["attack"]["threat_model"]["image"]["eps_255"] for c in nn.cells if c.attack_label != "none"} == {2}
     world = plan("world-attacks")
     skipped = {(a, d) for _, a, d, _ in world.skipped}
     assert ("co-attack", "world-shape") in skipped and ("autoattack", "world-retrieval") in skipped
