@@ -17,60 +17,35 @@ all of its adversarial captions, so an image has one well-defined adversarial ve
 starts PGD uniformly in [−ε, ε] (the reference's start is one-sided, [0, ε)).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
-from vlbench.api import MultimodalAttack, attacks, check_range
-from vlbench.components import build_component
-from vlbench.perturb import projected_gradient_ascent
+from vlbench.api import attacks
+from vlbench.perturb import TextThenImagePGDAttack
 
 
 @attacks.register("co-attack")
-class CoAttack(MultimodalAttack):
+class CoAttack(TextThenImagePGDAttack):
     """BERT-Attack on captions, then image PGD away from the clean image and the adversarial text."""
 
     paper = "Zhang, Yi, Sang, ACM MM 2022 (Co-Attack)"
     description = "text then image: PGD pushed from the clean image and the adversarial caption"
-    tasks = ("retrieval",)
 
     @dataclass
-    class Params:
-        eps: float = 2.0          # in 1/255
-        steps: int = 10
+    class Params(TextThenImagePGDAttack.Params):
         step_size: float = 0.25   # in 1/255 (1.25·ε/10)
         alpha: float = 3.0
-        text_attack: str = "bert-attack"
-        text_params: dict = field(default_factory=lambda: {"budget": 1})
-
-    def validate(self) -> None:
-        owner = f"attack {self.name}"
-        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
-        check_range(owner, "step_size", self.params.step_size, 0, 255, "/255")
-        check_range(owner, "steps", self.params.steps, 0, 100_000)
-        self.text = build_component(owner, self.params.text_attack, self.params.text_params, "text")
-
-    def prepare(self) -> None:
-        self.text.prepare()
-
-    def config(self) -> dict:
-        return {**super().config(), "components": [self.text.config()]}
-
-    def threat_model(self) -> dict:
-        return {"modality": "multimodal", "image": {"norm": "Linf", "eps": self.params.eps / 255,
-                                                    "eps_255": self.params.eps},
-                "text": self.text.threat_model()}
 
     def attack_texts(self, problem, generator):
         return self.text.perturb_texts(problem.victim, problem.embedding_shift_objective(), generator)
 
-    def attack_images(self, problem, rows, images, text_embeddings, generator):
-        device = images.device
+    def image_loss(self, problem, rows, text_embeddings, generator):
+        device = text_embeddings.device
         clean = F.softmax(problem.clean_image_embeddings[rows].to(device), dim=-1)
         own = problem.captions_of(rows).float().to(device)
         own = own / own.sum(dim=1, keepdim=True).clamp_min(1)
-        text_probs = F.softmax(text_embeddings.to(device), dim=-1)
+        text_probs = F.softmax(text_embeddings, dim=-1)
         text_entropy_term = (text_probs * text_probs.clamp_min(1e-12).log()).sum(dim=1)
 
         def loss(x, subset):
@@ -81,6 +56,4 @@ class CoAttack(MultimodalAttack):
             away_from_text = weights @ text_entropy_term - ((weights @ text_probs) * log_q).sum(dim=1)
             return away_from_clean + self.params.alpha * away_from_text
 
-        return projected_gradient_ascent(images, loss, lambda x, subset: torch.ones(len(x), dtype=torch.bool),
-                                         "Linf", self.params.eps / 255, self.params.step_size / 255,
-                                         self.params.steps, 1, True, generator)
+        return loss

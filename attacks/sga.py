@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vlbench.api import MultimodalAttack, attacks, check_range
-from vlbench.components import build_component
-from vlbench.perturb import projected_gradient_ascent
+from vlbench.api import attacks, check_range
+from vlbench.perturb import TextThenImagePGDAttack
 
 
 def rescaled_copy(images: torch.Tensor, scale: float, noise_std: float, generator: torch.Generator) -> torch.Tensor:
@@ -37,62 +36,38 @@ def rescaled_copy(images: torch.Tensor, scale: float, noise_std: float, generato
 
 
 @attacks.register("sga")
-class SGA(MultimodalAttack):
+class SGA(TextThenImagePGDAttack):
     """Image-guided text attack, set- and scale-guided image attack, then the text again."""
 
     paper = "Lu et al., ICCV 2023 (Set-level Guidance Attack)"
     description = "text (image-guided) → image (caption set + scale set) → text (adversarial-image-guided)"
-    tasks = ("retrieval",)
 
     @dataclass
-    class Params:
-        eps: float = 2.0          # in 1/255
-        steps: int = 10
-        step_size: float = 0.5    # in 1/255
+    class Params(TextThenImagePGDAttack.Params):
         scales: list = field(default_factory=lambda: [0.5, 0.75, 1.25, 1.5])
         noise_std: float = 0.05
-        text_attack: str = "bert-attack"
-        text_params: dict = field(default_factory=lambda: {"budget": 1})
 
     def validate(self) -> None:
-        owner = f"attack {self.name}"
-        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
-        check_range(owner, "step_size", self.params.step_size, 0, 255, "/255")
-        check_range(owner, "steps", self.params.steps, 0, 100_000)
+        super().validate()
         for scale in self.params.scales:
-            check_range(owner, "scales", float(scale), 0.05, 20)
-        self.text = build_component(owner, self.params.text_attack, self.params.text_params, "text")
-
-    def prepare(self) -> None:
-        self.text.prepare()
-
-    def config(self) -> dict:
-        return {**super().config(), "components": [self.text.config()]}
-
-    def threat_model(self) -> dict:
-        return {"modality": "multimodal", "image": {"norm": "Linf", "eps": self.params.eps / 255,
-                                                    "eps_255": self.params.eps},
-                "text": self.text.threat_model()}
+            check_range(f"attack {self.name}", "scales", float(scale), 0.05, 20)
 
     def attack_texts(self, problem, generator):
         guided = problem.image_guided_objective(problem.clean_image_embeddings)
         return self.text.perturb_texts(problem.victim, guided, generator)
 
-    def attack_images(self, problem, rows, images, text_embeddings, generator):
-        own = problem.captions_of(rows).float().to(images.device)
-        texts = text_embeddings.to(images.device)
+    def image_loss(self, problem, rows, text_embeddings, generator):
+        own = problem.captions_of(rows).float().to(text_embeddings.device)
 
         def loss(x, subset):
             copies = [x] + [rescaled_copy(x, s, self.params.noise_std, generator) for s in self.params.scales]
             total = 0
             for copy in copies:
-                similarity = problem.victim.encode_image(copy) @ texts.T
+                similarity = problem.victim.encode_image(copy) @ text_embeddings.T
                 total = total - (own[subset] * similarity).sum(dim=1)
             return total
 
-        return projected_gradient_ascent(images, loss, lambda x, subset: torch.ones(len(x), dtype=torch.bool),
-                                         "Linf", self.params.eps / 255, self.params.step_size / 255,
-                                         self.params.steps, 1, True, generator)
+        return loss
 
     def final_texts(self, problem, texts, image_embeddings, generator):
         guided = problem.image_guided_objective(image_embeddings)

@@ -22,11 +22,11 @@ import torch
 from vlbench.api import check_range, defenses
 from vlbench.losses import embedding_distance
 from vlbench.perturb import momentum_sign_pgd
-from vlbench.train import TrainingDefense, TrainingParams, in_eval_mode
+from vlbench.train import AdversarialTrainingDefense, TrainingParams, in_eval_mode
 
 
 @defenses.register("fare")
-class FARE(TrainingDefense):
+class FARE(AdversarialTrainingDefense):
     """Keep the adversarial image embedding where the original encoder put the clean one."""
 
     paper = "Schlarmann et al., ICML 2024 (FARE), Eq. 2"
@@ -41,9 +41,7 @@ class FARE(TrainingDefense):
 
     def validate(self) -> None:
         super().validate()
-        owner = f"defense {self.name}"
-        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
-        check_range(owner, "attack_momentum", self.params.attack_momentum, 0, 1)
+        check_range(f"defense {self.name}", "attack_momentum", self.params.attack_momentum, 0, 1)
 
     def fit(self, victim, run) -> dict:
         p = self.params

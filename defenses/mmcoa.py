@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlbench.api import check_range, defenses
-from vlbench.components import build_component
+from vlbench.api import defenses
 from vlbench.losses import class_prompt_loss, clip_loss
-from vlbench.perturb import projected_gradient_ascent
 from vlbench.tasks import EmbeddingShiftObjective
-from vlbench.train import TrainingDefense, TrainingParams, in_eval_mode
+from vlbench.train import AdversarialTrainingDefense, TrainingParams
 
 CAPTION = "This is a photo of a {c}"
 
@@ -41,7 +39,7 @@ def mmcoa_loss(images, adversarial_texts, adversarial_images, texts, logit_scale
 
 
 @defenses.register("mmcoa")
-class MMCoA(TrainingDefense):
+class MMCoA(AdversarialTrainingDefense):
     """Align adversarial images with clean texts and adversarial texts with clean images."""
 
     paper = "Zhou et al., arXiv 2404.19287 (MMCoA), §3"
@@ -64,18 +62,9 @@ class MMCoA(TrainingDefense):
         text_attack: str = "bert-attack"
         text_params: dict = field(default_factory=lambda: {"budget": 1})
 
-    def validate(self) -> None:
-        super().validate()
-        owner = f"defense {self.name}"
-        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
-        self.text_attack = build_component(owner, self.params.text_attack, self.params.text_params, "text")
-
-    def prepare(self) -> None:
-        self.text_attack.prepare()
-
     def fit(self, victim, run) -> dict:
         p = self.params
-        self.text_attack.prepare()
+        self.prepare()
         batches = self.batches(victim)
         attack_rng = torch.Generator().manual_seed(p.seed + 1)
 
@@ -89,14 +78,9 @@ class MMCoA(TrainingDefense):
             attacked = dict(zip(distinct, self.text_attack.perturb_texts(victim, objective, attack_rng)))
             scale = victim.logit_scale
 
-            def image_attack():
-                return projected_gradient_ascent(
-                    images, lambda x, rows: class_prompt_loss(victim.encode_image(x), weights, labels[rows],
-                                                              scale.detach(), reduction="none"),
-                    lambda x, rows: torch.ones(len(x), dtype=torch.bool), "Linf", p.eps / 255,
-                    p.attack_step_size / 255, p.attack_steps, 1, True, attack_rng)
-
-            adversarial_images = in_eval_mode(victim.model, image_attack)
+            adversarial_images = self.image_adversary(
+                victim, images, lambda x, rows: class_prompt_loss(victim.encode_image(x), weights, labels[rows],
+                                                                  scale.detach(), reduction="none"), attack_rng)
             clean_texts = victim.encode_text(victim.tokenize(captions))
             adversarial_texts = victim.encode_text(victim.tokenize([attacked[c] for c in captions]))
             return mmcoa_loss(victim.encode_image(images), adversarial_texts, victim.encode_image(adversarial_images),

@@ -30,15 +30,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlbench.api import check_range, defenses
+from vlbench.api import defenses
 from vlbench.augment import IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
-from vlbench.components import build_component
 from vlbench.datasets import load_dataset
 from vlbench.errors import UserError
 from vlbench.losses import clip_loss
-from vlbench.perturb import projected_gradient_ascent
 from vlbench.tasks import ImageGuidedTextObjective
-from vlbench.train import TrainingDefense, TrainingParams, in_eval_mode
+from vlbench.train import AdversarialTrainingDefense, TrainingParams
 
 
 def mat_loss(adversarial_images, adversarial_texts, logit_scale):
@@ -47,7 +45,7 @@ def mat_loss(adversarial_images, adversarial_texts, logit_scale):
 
 
 @defenses.register("nn")
-class NN(TrainingDefense):
+class NN(AdversarialTrainingDefense):
     """MAT with N:N augmentation pools (augment: none is plain MAT)."""
 
     paper = "Waseda et al., arXiv 2405.18770 (N:N; MAT/MAT+)"
@@ -73,15 +71,10 @@ class NN(TrainingDefense):
     def validate(self) -> None:
         super().validate()
         owner = f"defense {self.name}"
-        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
         unknown = set(self.params.augment) - {"none", "all", *TEXT_POOLS, *IMAGE_POOLS}
         if unknown:
             raise UserError(f"{owner} has unknown augmentation pools {sorted(unknown)}",
                             f"use none, all, or pools from {TEXT_POOLS + IMAGE_POOLS}")
-        self.text_attack = build_component(owner, self.params.text_attack, self.params.text_params, "text")
-
-    def prepare(self) -> None:
-        self.text_attack.prepare()
 
     def augment_config(self) -> AugmentConfig | None:
         pools = set(self.params.augment)
@@ -102,7 +95,7 @@ class NN(TrainingDefense):
         if data.task != "retrieval":
             raise UserError(f"defense {self.name} needs a retrieval dataset, {data.name} is {data.task}",
                             "use e.g. flickr30k or world-retrieval")
-        self.text_attack.prepare()
+        self.prepare()
         config = self.augment_config()
         bank = None
         if config is not None:  # built with the base weights: the alignment filter's frozen model
@@ -133,16 +126,11 @@ class NN(TrainingDefense):
             with torch.no_grad():
                 targets = victim.encode_texts(adversarial_texts)
 
-            def image_attack():
-                def loss(x, subset):
-                    logits = scale.detach() * victim.encode_image(x) @ targets.T
-                    return torch.nn.functional.cross_entropy(logits, subset, reduction="none")
+            def loss(x, rows):  # image→text contrastive loss: row i's caption is the i-th target
+                logits = scale.detach() * victim.encode_image(x) @ targets.T
+                return torch.nn.functional.cross_entropy(logits, rows, reduction="none")
 
-                return projected_gradient_ascent(images, loss, lambda x, subset: torch.ones(len(x), dtype=torch.bool),
-                                                 "Linf", p.eps / 255, p.attack_step_size / 255, p.attack_steps,
-                                                 1, True, attack_rng)
-
-            adversarial_images = in_eval_mode(victim.model, image_attack)
+            adversarial_images = self.image_adversary(victim, images, loss, attack_rng)
             text_embeddings = victim.encode_text(victim.tokenize(adversarial_texts))
             return mat_loss(victim.encode_image(adversarial_images), text_embeddings, scale)
 

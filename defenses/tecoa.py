@@ -16,14 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vlbench.api import check_range, defenses
+from vlbench.api import defenses
 from vlbench.losses import class_prompt_loss
-from vlbench.perturb import projected_gradient_ascent
-from vlbench.train import ClassPromptParams, TrainingDefense, in_eval_mode
+from vlbench.train import AdversarialTrainingDefense, ClassPromptParams
 
 
 @defenses.register("tecoa")
-class TeCoA(TrainingDefense):
+class TeCoA(AdversarialTrainingDefense):
     """Adversarial fine-tuning of the image encoder against frozen class prompts."""
 
     paper = "Mao et al., ICLR 2023 (TeCoA), §3"
@@ -35,12 +34,6 @@ class TeCoA(TrainingDefense):
         attack_steps: int = 2
         attack_step_size: float = 1.0
 
-    def validate(self) -> None:
-        super().validate()
-        owner = f"defense {self.name}"
-        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
-        check_range(owner, "attack_steps", self.params.attack_steps, 0, 10_000)
-
     def fit(self, victim, run) -> dict:
         p = self.params
         batches = self.batches(victim)
@@ -50,14 +43,9 @@ class TeCoA(TrainingDefense):
         def loss_at(step: int):
             images, labels, weights = batches.batch(step)
 
-            def attack():
-                return projected_gradient_ascent(
-                    images, lambda x, rows: class_prompt_loss(victim.encode_image(x), weights, labels[rows], scale,
-                                                              reduction="none"),
-                    lambda x, rows: torch.ones(len(x), dtype=torch.bool), "Linf", p.eps / 255,
-                    p.attack_step_size / 255, p.attack_steps, 1, True, attack_rng)
-
-            adversarial = in_eval_mode(victim.model, attack)
+            adversarial = self.image_adversary(
+                victim, images, lambda x, rows: class_prompt_loss(victim.encode_image(x), weights, labels[rows], scale,
+                                                                  reduction="none"), attack_rng)
             return class_prompt_loss(victim.encode_image(adversarial), weights, labels, scale)
 
         return self.train(victim, run, victim.model.visual.parameters(), loss_at,

@@ -13,12 +13,12 @@ Losses take logits ``[B, C]`` and return one value per sample, to be *maximised*
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .api import ImageAttack, check_range
+from .api import ImageAttack, MultimodalAttack, check_range
 from .errors import UserError
 
 NORMS = ("Linf", "L2")
@@ -154,6 +154,14 @@ def projected_gradient_ascent(images: torch.Tensor, loss_fn, correct_fn, norm: s
     return best.detach()
 
 
+def linf_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps: int,
+             generator: torch.Generator) -> torch.Tensor:
+    """L∞ PGD from a uniform start, one restart, every sample for every step (``eps`` and
+    ``step_size`` in [0,1] pixel units): the training attacks of TeCoA, MMCoA and N:N and the
+    image stage of Co-Attack and SGA, which have no per-sample "already broken" test."""
+    return projected_gradient_ascent(images, loss_fn, None, "Linf", eps, step_size, steps, 1, True, generator)
+
+
 class ProjectedGradientAttack(ImageAttack):
     """Base of the PGD family: parameters, threat model and loop; subclasses choose the loss.
 
@@ -202,6 +210,51 @@ class ProjectedGradientAttack(ImageAttack):
             images, lambda x, rows: self.loss(objective, x, rows), objective.correct,
             self.params.norm, eps, step_size, self.params.steps, self.params.restarts,
             self.params.random_start, generator, report=self.note)
+
+
+class TextThenImagePGDAttack(MultimodalAttack):
+    """Base of the retrieval attacks that pair a registered text attack with L∞ PGD on the
+    images under an attack-specific loss (Co-Attack, SGA): shared parameters, validation,
+    threat model and the image loop. Subclasses write ``attack_texts`` and ``image_loss``.
+    """
+
+    tasks = ("retrieval",)
+
+    @dataclass
+    class Params:
+        eps: float = 2.0          # in 1/255
+        steps: int = 10
+        step_size: float = 0.5    # in 1/255
+        text_attack: str = "bert-attack"
+        text_params: dict = field(default_factory=lambda: {"budget": 1})
+
+    def validate(self) -> None:
+        from .components import build_component
+
+        owner = f"attack {self.name}"
+        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
+        check_range(owner, "step_size", self.params.step_size, 0, 255, "/255")
+        check_range(owner, "steps", self.params.steps, 0, 100_000)
+        self.text = build_component(owner, self.params.text_attack, self.params.text_params, "text")
+
+    def prepare(self) -> None:
+        self.text.prepare()
+
+    def config(self) -> dict:
+        return {**super().config(), "components": [self.text.config()]}
+
+    def threat_model(self) -> dict:
+        return {"modality": "multimodal", "image": {"norm": "Linf", "eps": self.params.eps / 255,
+                                                    "eps_255": self.params.eps},
+                "text": self.text.threat_model()}
+
+    def image_loss(self, problem, rows: torch.Tensor, text_embeddings: torch.Tensor, generator: torch.Generator):
+        """``loss(x, subset)`` to maximise for the images of ``rows``, one value per image."""
+        raise NotImplementedError
+
+    def attack_images(self, problem, rows, images, text_embeddings, generator):
+        loss = self.image_loss(problem, rows, text_embeddings.to(images.device), generator)
+        return linf_pgd(images, loss, self.params.eps / 255, self.params.step_size / 255, self.params.steps, generator)
 
 
 def momentum_sign_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps: int,

@@ -274,6 +274,36 @@ class TrainingDefense(Defense):
                             checkpoint_every=run.checkpoint_every, batch_size=self.params.batch_size)
 
 
+class AdversarialTrainingDefense(TrainingDefense):
+    """A training defense with an L∞ image adversary (``eps``, ``attack_steps`` and
+    ``attack_step_size`` in its parameters, in 1/255) and, when its parameters name one, a
+    text adversary built from a registered text attack (``text_attack``, ``text_params``)."""
+
+    def validate(self) -> None:
+        from .components import build_component
+
+        super().validate()
+        owner = f"defense {self.name}"
+        p = self.params
+        check_range(owner, "eps", p.eps, 0, 255, "/255")
+        check_range(owner, "attack_step_size", p.attack_step_size, 0, 255, "/255")
+        check_range(owner, "attack_steps", p.attack_steps, 0, 10_000)
+        name = getattr(p, "text_attack", None)
+        self.text_attack = build_component(owner, name, p.text_params, "text") if name else None
+
+    def prepare(self) -> None:
+        if self.text_attack is not None:
+            self.text_attack.prepare()
+
+    def image_adversary(self, victim, images: torch.Tensor, loss_fn, generator: torch.Generator) -> torch.Tensor:
+        """Adversarial images maximising ``loss_fn(x, rows)`` by L∞ PGD, found in eval mode."""
+        from .perturb import linf_pgd
+
+        p = self.params
+        return in_eval_mode(victim.model, lambda: linf_pgd(images, loss_fn, p.eps / 255, p.attack_step_size / 255,
+                                                          p.attack_steps, generator))
+
+
 @dataclass
 class ClassPromptParams(TrainingParams):
     """The class-prompt fine-tuning recipe of the TeCoA lineage (Mao et al., ICLR 2023; README:
