@@ -38,13 +38,16 @@ def test_markdown_pivots_defenses_by_dataset_and_attack(results, capsys):
     assert main(["leaderboard", str(results)]) == 0
     printed = capsys.readouterr().out
     markdown = (results / "leaderboard.md").read_text()
-    assert markdown.strip() in printed
-    header = next(line for line in markdown.splitlines() if line.startswith("| defense"))
-    for column in ("a clean", "a pgd", "b clean", "b pgd", "r i2t_R@1 clean", "r t2i_R@1 clean",
-                   "avg clean", "avg pgd"):
-        assert column in header
-    none_row = next(line for line in markdown.splitlines() if line.startswith("| none"))
-    assert "90.0" in none_row and "10.0" in none_row
+    headers = [line for line in markdown.splitlines() if line.startswith("| defense")]
+    mean_header, retrieval_header, full_header = headers
+    for column in ("a clean", "a pgd", "b clean", "b pgd", "r i2t_R@1 clean", "r t2i_R@1 clean"):
+        assert column in full_header
+    assert "clean" in mean_header and "pgd" in mean_header and "Mean top-1 (%) over the 2" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| none")]
+    assert "90.0" in rows[0] and "10.0" in rows[0]       # the means
+    assert "60.0 / 50.0" in rows[1]                       # retrieval R@1 both ways
+    # the terminal gets the compact tables, and the path of the full one
+    assert mean_header in printed and full_header not in printed and "leaderboard.md" in printed
     assert (results / "leaderboard.html").read_text().startswith("<!doctype html>")
 
 
@@ -61,10 +64,12 @@ def test_empty_or_missing_folder_is_a_user_error(tmp_path, capsys):
     assert "no result files" in capsys.readouterr().err
 
 
-def test_composite_attack_above_its_component_is_flagged(tmp_path):
+def test_worst_case_ensemble_above_its_component_is_flagged(tmp_path):
     component = {"name": "apgd-ce", "params": {"eps": 4}}
-    for attack, value, config in (("apgd-ce", 20.0, component),
-                                  ("autoattack", 30.0, {"name": "autoattack", "params": {}, "components": [component]})):
+    ensemble = {"name": "autoattack", "params": {}, "components": [component], "worst_case_over_components": True}
+    sequential = {"name": "two-stage", "params": {}, "components": [component]}
+    for attack, value, config in (("apgd-ce", 20.0, component), ("autoattack", 30.0, ensemble),
+                                  ("two-stage", 40.0, sequential)):
         payload = {"schema": 1, "cell": attack, "defense": "none", "attack": attack, "dataset": "a",
                    "task": "classification", "metrics": {"top1": value}, "n": 10, "subset_hash": "s",
                    "created": "2026", "config": {"attack": config}, "warnings": ["robust above clean"] * (attack == "apgd-ce")}
@@ -72,4 +77,5 @@ def test_composite_attack_above_its_component_is_flagged(tmp_path):
     write_leaderboard(tmp_path)
     markdown = (tmp_path / "leaderboard.md").read_text()
     assert "autoattack (30.0) is above its component apgd-ce (20.0)" in markdown
+    assert "two-stage (40.0)" not in markdown  # a sequential composition promises no ordering
     assert "1 cell(s) carry warnings" in markdown

@@ -1,9 +1,10 @@
 """Leaderboards from result files.
 
 ``leaderboard.csv`` is the long table (one row per cell and metric: defense, attack, dataset,
-task, metric, value, n, subset_hash, ...). ``leaderboard.md`` and ``leaderboard.html`` pivot
-its headline metrics: defenses as rows; per dataset the clean metric and each attack's robust
-metric; then averages over the classification datasets. Values come from the results only.
+task, metric, value, n, subset_hash, ...). ``leaderboard.md`` and ``leaderboard.html`` hold
+compact defense × attack summaries (mean top-1 over the classification datasets, R@1 both
+ways per retrieval dataset) and the full pivot of headline metrics: defenses as rows; per
+dataset the clean metric and each attack's robust metric. Values come from the results only.
 Where one column mixes results computed on different evaluation subsets, the column is
 marked and a footnote says so, so numbers from different subsets are never silently compared.
 """
@@ -56,13 +57,21 @@ def _order(values, preferred_first: str) -> list[str]:
     return sorted(unique, key=lambda v: (v != preferred_first, unique.index(v)))
 
 
-def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Defenses × (dataset, attack, metric) of headline metrics, plus averages; and footnotes."""
-    notes = []
+def headline_metrics(long: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each task's primary metrics; the newest result wins when a cell was
+    recomputed under the same labels."""
     headline = long[long.apply(lambda r: r["metric"] in PRIMARY_METRICS.get(r["task"], ()), axis=1)]
-    # Newest result wins when a cell was recomputed under the same labels.
-    headline = headline.sort_values("created").drop_duplicates(
-        ["defense", "attack", "dataset", "metric"], keep="last")
+    return headline.sort_values("created").drop_duplicates(["defense", "attack", "dataset", "metric"], keep="last")
+
+
+def _label(attack: str) -> str:
+    return "clean" if attack == "none" else attack
+
+
+def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Defenses × (dataset, attack, metric) of headline metrics; and footnotes."""
+    notes = []
+    headline = headline_metrics(long)
     defenses = _order(headline["defense"], "none")
     attacks = _order(headline["attack"], "none")
     table = pd.DataFrame(index=defenses)
@@ -76,21 +85,9 @@ def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                 cells = rows[(rows["attack"] == attack) & (rows["metric"] == metric)]
                 if cells.empty:
                     continue
-                label = "clean" if attack == "none" else attack
                 suffix = "" if metric == "top1" else f" {metric}"
-                column = f"{dataset}{suffix} {label}" + (" †" if dataset in mixed else "")
+                column = f"{dataset}{suffix} {_label(attack)}" + (" †" if dataset in mixed else "")
                 table[column] = cells.set_index("defense")["value"].reindex(defenses)
-    classification = headline[headline["task"] == "classification"]
-    if classification["dataset"].nunique() > 1:
-        for attack in attacks:
-            rows = classification[classification["attack"] == attack]
-            if rows.empty:
-                continue
-            counts = rows.groupby("defense")["dataset"].nunique()
-            means = rows.groupby("defense")["value"].mean()
-            complete = counts[counts == classification["dataset"].nunique()].index
-            label = "clean" if attack == "none" else attack
-            table[f"avg {label}"] = means.where(means.index.isin(complete)).reindex(defenses)
     if mixed:
         notes.append(f"† results in this column come from different evaluation subsets "
                      f"({', '.join(sorted(mixed))}); rerun them on one subset before comparing")
@@ -98,14 +95,51 @@ def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return table, notes
 
 
+def summaries(long: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Compact defense × attack tables: mean top-1 over the classification datasets (only
+    for defenses and attacks that ran on all of them), and each retrieval dataset's R@1 as
+    "image→text / text→image"."""
+    headline = headline_metrics(long)
+    defenses = _order(headline["defense"], "none")
+    attacks = _order(headline["attack"], "none")
+    tables = []
+    classification = headline[headline["task"] == "classification"]
+    n_datasets = classification["dataset"].nunique()
+    if n_datasets > 1:
+        table = pd.DataFrame(index=defenses)
+        for attack in attacks:
+            rows = classification[classification["attack"] == attack]
+            if rows.empty:
+                continue
+            complete = rows.groupby("defense")["dataset"].nunique() == n_datasets
+            means = rows.groupby("defense")["value"].mean()
+            table[_label(attack)] = means.where(complete).reindex(defenses)
+        table.index.name = "defense"
+        tables.append((f"Mean top-1 (%) over the {n_datasets} classification datasets", table))
+    retrieval = headline[headline["task"] == "retrieval"]
+    for dataset in dict.fromkeys(retrieval["dataset"]):
+        rows = retrieval[retrieval["dataset"] == dataset]
+        table = pd.DataFrame(index=defenses)
+        for attack in attacks:
+            cells = rows[rows["attack"] == attack].pivot(index="defense", columns="metric", values="value")
+            if {"i2t_R@1", "t2i_R@1"} <= set(cells.columns):
+                both = cells["i2t_R@1"].map("{:.1f}".format) + " / " + cells["t2i_R@1"].map("{:.1f}".format)
+                table[_label(attack)] = both.reindex(defenses)
+        table.index.name = "defense"
+        tables.append((f"{dataset}: R@1 (%) image→text / text→image", table.fillna("–")))
+    return tables
+
+
 def _attack_identity(config: dict) -> tuple:
     return config.get("name"), json.dumps(config.get("params", {}), sort_keys=True)
 
 
 def flags(results: list[dict]) -> list[str]:
-    """Run-level warnings: cells with warnings, and composite attacks (those naming
-    components, e.g. AutoAttack) that ended above one of their own components run alone on the
-    same defense and dataset — the stronger attack doing worse, as AutoAttack's checks flag."""
+    """Run-level warnings: cells with warnings, and point-wise worst-case ensembles (attacks
+    whose config sets ``worst_case_over_components``, e.g. AutoAttack) that ended above one of
+    their own components run alone on the same defense and dataset — the stronger attack doing
+    worse, as AutoAttack's checks flag. Sequential compositions (a text stage, then an image
+    stage) promise no such ordering and are not checked."""
     notes = []
     warned = [r for r in results if r.get("warnings")]
     if warned:
@@ -116,7 +150,10 @@ def flags(results: list[dict]) -> list[str]:
         attack = r.get("config", {}).get("attack", {})
         by_identity[(r["defense"], r["dataset"], _attack_identity(attack))] = r
     for r in results:
-        for component in r.get("config", {}).get("attack", {}).get("components", []):
+        attack = r.get("config", {}).get("attack", {})
+        if not attack.get("worst_case_over_components"):
+            continue
+        for component in attack.get("components", []):
             alone = by_identity.get((r["defense"], r["dataset"], _attack_identity(component)))
             if alone is None:
                 continue
@@ -141,15 +178,21 @@ def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> 
     atomic_write_text(results_dir / "leaderboard.csv", long.to_csv(index=False))
     table, notes = pivot(long)
     notes += flags(results)
+    compact = summaries(long)
     footer = "".join(f"\n{note}\n" for note in notes)
     title = ("Top-1 accuracy (%) for classification, Recall@1 (%) for retrieval; "
-             "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n\n")
-    markdown = title + table.to_markdown(floatfmt=".1f") + "\n" + footer
-    atomic_write_text(results_dir / "leaderboard.md", markdown)
-    html = table.to_html(float_format=lambda v: f"{v:.1f}", na_rep="–")
+             "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n")
+    summary_md = "".join(f"\n**{caption}**\n\n{part.to_markdown(floatfmt='.1f')}\n" for caption, part in compact)
+    full_md = f"\n**Every dataset**\n\n{table.to_markdown(floatfmt='.1f')}\n"
+    atomic_write_text(results_dir / "leaderboard.md", title + summary_md + full_md + footer)
+    html_parts = [f"<h3>{caption}</h3>\n" + part.to_html(float_format=lambda v: f"{v:.1f}", na_rep="–")
+                  for caption, part in [*compact, ("Every dataset", table)]]
     atomic_write_text(results_dir / "leaderboard.html",
                       "<!doctype html><meta charset='utf-8'><title>vlbench leaderboard</title>\n"
-                      f"<p>{title.strip()}</p>\n{html}\n" + "".join(f"<p>{n}</p>" for n in notes))
+                      f"<p>{title.strip()}</p>\n" + "\n".join(html_parts) + "\n"
+                      + "".join(f"<p>{n}</p>" for n in notes))
     if print_markdown:
-        print(markdown)
+        # The per-dataset table is too wide for a terminal when there are summaries.
+        shown = summary_md if compact else full_md
+        print(title + shown + footer + f"\nEvery dataset: {results_dir / 'leaderboard.md'}")
     return results_dir / "leaderboard.md"
