@@ -6,7 +6,8 @@ robust only if no component breaks it (fra31/auto-attack issue #45; research/att
 B.1). Default ``version: custom`` with APGD-CE and APGD-T (100 iterations, 9 targets) is
 the configuration used to evaluate CLIP in the FARE line of work (Schlarmann et al., ICML
 2024; RobustVLM ``CLIP_eval``); ``version: standard`` is RobustBench's APGD-CE, APGD-T,
-FAB-T and Square (5,000 queries) and needs those components registered. Every result records
+FAB-T and Square (5,000 queries); ``iterations`` sets both APGDs' and FAB-T's (100 each in
+the reference), ``n_target_classes`` both targeted ones'. Every result records
 the components and all their parameters, so a different configuration can never pass for
 the standard one.
 """
@@ -56,7 +57,7 @@ class AutoAttack(ImageAttack):
 
     def _component_options(self, name: str) -> dict:
         options = {"eps": self.params.eps, "norm": self.params.norm}
-        if name.startswith("apgd"):
+        if name.startswith("apgd") or name == "fab-t":  # both 100 in the reference
             options["iterations"] = self.params.iterations
         if name in ("apgd-t", "fab-t"):
             options["n_target_classes"] = self.params.n_target_classes
@@ -65,7 +66,8 @@ class AutoAttack(ImageAttack):
         return options
 
     def config(self) -> dict:
-        return {**super().config(), "components": [c.config() for c in self.components]}
+        return {**super().config(), "components": [c.config() for c in self.components],
+                "worst_case_over_components": True}
 
     def threat_model(self) -> dict:
         return self.components[0].threat_model()

@@ -10,7 +10,7 @@ from vlbench.tasks import ClassificationObjective, RetrievalObjective, classifie
 CLASSES = ["red", "green", "blue", "round", "square", "big", "small", "tiny", "huge", "odd"]
 FAST = {"pgd": {"steps": 5}, "cw": {"steps": 5}, "apgd-ce": {"iterations": 10},
         "apgd-t": {"iterations": 5, "n_target_classes": 3}, "autoattack": {"iterations": 5, "n_target_classes": 2},
-        "square": {"queries": 100}}
+        "square": {"queries": 100}, "fab-t": {"iterations": 5, "n_target_classes": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_within_linf_budget_and_box(setup, name, eps):
     assert adversarial.min() >= 0 and adversarial.max() <= 1
 
 
-@pytest.mark.parametrize("name", ["pgd", "apgd-ce"])
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "fab-t"])
 def test_within_l2_budget(setup, name):
     _, images, _ = setup
     params = {"eps": 0.5, "norm": "L2"} | ({"step_size": 0.1} if name == "pgd" else {})
@@ -96,6 +96,78 @@ def test_autoattack_result_names_its_components():
     config = build("autoattack", eps=4).config()
     assert [c["name"] for c in config["components"]] == ["apgd-ce", "apgd-t"]
     assert config["components"][1]["params"]["n_target_classes"] == 2
+
+
+def test_autoattack_standard_runs_all_four_components(setup):
+    victim, images, objective = setup
+    attack = build("autoattack", eps=12, version="standard", square_queries=50)
+    config = attack.config()
+    assert [c["name"] for c in config["components"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    fab = config["components"][2]["params"]
+    assert (fab["iterations"], fab["n_target_classes"], fab["restarts"]) == (5, 2, 1)
+    assert config["components"][3]["params"]["queries"] == 50
+    ran = []
+    for component in attack.components:
+        component.perturb_images = lambda *args, _run=component.perturb_images, _name=component.name: (
+            ran.append(_name), _run(*args))[1]
+    subset = torch.arange(8)
+    adversarial = attack.perturb_images(victim, images[subset], objective.subset(subset),
+                                        torch.Generator().manual_seed(0))
+    assert ran == ["apgd-ce", "apgd-t", "fab-t", "square"]  # at 12/255 some samples survive each
+    assert (adversarial - images[subset]).abs().max() <= 12 / 255 + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    with torch.no_grad():
+        assert objective.subset(subset).correct(adversarial).sum() < len(subset)
+
+
+def test_fab_projection_is_the_closest_point_of_hyperplane_and_box():
+    from importlib import import_module
+
+    from scipy.optimize import linprog
+
+    project = import_module(api.attacks.get("fab-t").__module__).project_onto_hyperplane_in_box
+    generator = torch.Generator().manual_seed(0)
+    points = torch.rand(20, 6, generator=generator, dtype=torch.float64)
+    w = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    w[::4, :2] = 0
+    c = (w * points).sum(dim=1) + 0.8 * torch.randn(20, generator=generator, dtype=torch.float64)
+    for norm in ("Linf", "L2"):
+        moved = points + project(points, w, c, norm)
+        assert moved.min() >= 0 and moved.max() <= 1
+        for i in range(20):
+            p, wi, ci = points[i].numpy(), w[i].numpy(), c[i].item()
+            bounds = [(-v, 1 - v) for v in p]
+            if linprog([0] * 6, A_eq=[wi], b_eq=[ci - wi @ p], bounds=bounds).status != 0:
+                continue  # the box cannot reach the hyperplane
+            assert (w[i] * moved[i]).sum().item() == pytest.approx(ci, abs=1e-9)
+            if norm == "Linf":  # min t subject to |d_j| <= t, <w, d> = c - <w, p>, p + d in the box
+                rows = [[*row, -1] for row in [*torch.eye(6).tolist(), *(-torch.eye(6)).tolist()]]
+                best = linprog([0] * 6 + [1], A_ub=rows, b_ub=[0] * 12, A_eq=[[*wi, 0]], b_eq=[ci - wi @ p],
+                               bounds=bounds + [(0, None)]).fun
+                assert (moved[i] - points[i]).abs().max().item() == pytest.approx(best, abs=1e-7)
+            else:  # KKT: d = clip(λ·w) to the box for a single λ certifies the minimum
+                d = moved[i] - points[i]
+                free = (w[i] != 0) & (moved[i] > 1e-12) & (moved[i] < 1 - 1e-12)
+                if free.any():
+                    lam = (d[free] / w[i][free]).mean()
+                    assert torch.allclose(torch.clamp(lam * w[i], -points[i], 1 - points[i]), d, atol=1e-9)
+
+
+def test_fab_t_caps_targets_below_ten_classes(tiny_victim):
+    images = torch.rand(8, 3, 32, 32)
+    weights = classifier_weights(tiny_victim, CLASSES[:3], ["a {c} thing."])
+    with torch.no_grad():
+        labels = (tiny_victim.encode_image(images) @ weights.T).argmax(dim=1)
+    objective = ClassificationObjective(tiny_victim, weights, labels)
+    attack = api.build("attacks", "fab-t", {"eps": 8, "iterations": 3})
+    adversarial = attack.perturb_images(tiny_victim, images, objective, torch.Generator().manual_seed(0))
+    assert (adversarial - images).abs().max() <= 8 / 255 + 1e-6
+    assert any("only 2 target classes (asked for 9)" in n for n in attack.take_notes())
+
+
+def test_fab_t_restarts_are_seeded(setup):
+    attack = build("fab-t", eps=4, iterations=3, restarts=2)
+    assert torch.equal(run(attack, setup, seed=5), run(attack, setup, seed=5))
 
 
 def test_apgd_t_falls_back_below_four_classes(tiny_victim):
