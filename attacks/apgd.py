@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlbench.api import ImageAttack, attacks, check_range
-from vlbench.errors import UserError
-from vlbench.perturb import NORMS, cross_entropy, into_box, project, targeted_cross_entropy, targeted_dlr
+from vlbench.api import attacks, check_range
+from vlbench.perturb import NormBallAttack, cross_entropy, into_box, project, targeted_cross_entropy, targeted_dlr
 
 
 def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, generator, report=None):
@@ -121,7 +120,7 @@ def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, generat
     return result.detach(), robust
 
 
-class _APGD(ImageAttack):
+class _APGD(NormBallAttack):
     tasks = ("classification",)
 
     @dataclass
@@ -133,23 +132,11 @@ class _APGD(ImageAttack):
         rho: float = 0.75
 
     def validate(self) -> None:
+        super().validate()
         owner = f"attack {self.name}"
-        if self.params.norm not in NORMS:
-            raise UserError(f"{owner} norm {self.params.norm!r} is not supported", f"use one of {NORMS}")
-        check_range(owner, "eps", self.params.eps, 0, 255 if self.params.norm == "Linf" else 1000)
         check_range(owner, "iterations", self.params.iterations, 1, 100_000)
         check_range(owner, "restarts", self.params.restarts, 1, 1000)
         check_range(owner, "rho", self.params.rho, 0, 1)
-
-    @property
-    def eps(self) -> float:
-        return self.params.eps / 255 if self.params.norm == "Linf" else self.params.eps
-
-    def threat_model(self) -> dict:
-        model = {"modality": "image", "norm": self.params.norm, "eps": self.eps}
-        if self.params.norm == "Linf":
-            model["eps_255"] = self.params.eps
-        return model
 
     def runs(self, objective, images):
         """``(loss_fn, description)`` pairs, one per APGD run (restart or target)."""
@@ -208,10 +195,7 @@ class APGDTargeted(_APGD):
             return []
         with torch.no_grad():
             ranked = objective.logits(images).argsort(dim=1, descending=True)
-        n_targets = min(self.params.n_target_classes, classes - 1)
-        if n_targets < self.params.n_target_classes:
-            self.note(f"{self.name}: {classes} classes allow only {n_targets} target classes "
-                      f"(asked for {self.params.n_target_classes})")
+        n_targets = self.target_count(classes, self.params.n_target_classes)
         loss = targeted_dlr
         if classes < 4:
             loss = targeted_cross_entropy

@@ -59,9 +59,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlbench.api import ImageAttack, attacks, check_range
-from vlbench.errors import UserError
-from vlbench.perturb import NORMS, perturbation_norm
+from vlbench.api import attacks, check_range
+from vlbench.perturb import NormBallAttack, perturbation_norm
 
 
 def project_onto_hyperplane_in_box(points: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
@@ -160,7 +159,7 @@ def fab_run(images, labels, targets, logits_fn, norm, eps, iterations, alpha_max
 
 
 @attacks.register("fab-t")
-class FABTargeted(ImageAttack):
+class FABTargeted(NormBallAttack):
     """Targeted FAB: linearised boundary projection with a bias to the original point,
     one run per target class (the top-9 other classes)."""
 
@@ -180,26 +179,14 @@ class FABTargeted(ImageAttack):
         n_target_classes: int = 9
 
     def validate(self) -> None:
+        super().validate()
         owner = f"attack {self.name}"
-        if self.params.norm not in NORMS:
-            raise UserError(f"{owner} norm {self.params.norm!r} is not supported", f"use one of {NORMS}")
-        check_range(owner, "eps", self.params.eps, 0, 255 if self.params.norm == "Linf" else 1000)
         check_range(owner, "iterations", self.params.iterations, 1, 100_000)
         check_range(owner, "restarts", self.params.restarts, 1, 1000)
         check_range(owner, "alpha_max", self.params.alpha_max, 0, 1)
         check_range(owner, "eta", self.params.eta, 1, 10)
         check_range(owner, "beta", self.params.beta, 0, 1)
         check_range(owner, "n_target_classes", self.params.n_target_classes, 1, 10_000)
-
-    @property
-    def eps(self) -> float:
-        return self.params.eps / 255 if self.params.norm == "Linf" else self.params.eps
-
-    def threat_model(self) -> dict:
-        model = {"modality": "image", "norm": self.params.norm, "eps": self.eps}
-        if self.params.norm == "Linf":
-            model["eps_255"] = self.params.eps
-        return model
 
     def _random_start(self, images, generator):
         """The reference's restart point: a random direction at half the radius ε."""
@@ -224,10 +211,7 @@ class FABTargeted(ImageAttack):
             clean_logits = objective.logits(images)
         robust = clean_logits.argmax(dim=1) == labels
         ranked = clean_logits.argsort(dim=1, descending=True)
-        n_targets = min(self.params.n_target_classes, classes - 1)
-        if n_targets < self.params.n_target_classes:
-            self.note(f"{self.name}: {classes} classes allow only {n_targets} target classes "
-                      f"(asked for {self.params.n_target_classes})")
+        n_targets = self.target_count(classes, self.params.n_target_classes)
         for rank in range(1, n_targets + 1):
             for restart in range(self.params.restarts):
                 rows = robust.nonzero().squeeze(1)

@@ -68,10 +68,9 @@ def _label(attack: str) -> str:
     return "clean" if attack == "none" else attack
 
 
-def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Defenses × (dataset, attack, metric) of headline metrics; and footnotes."""
+def pivot(headline: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Defenses × (dataset, attack, metric) of the headline metrics; and footnotes."""
     notes = []
-    headline = headline_metrics(long)
     defenses = _order(headline["defense"], "none")
     attacks = _order(headline["attack"], "none")
     table = pd.DataFrame(index=defenses)
@@ -95,11 +94,10 @@ def pivot(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return table, notes
 
 
-def summaries(long: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """Compact defense × attack tables: mean top-1 over the classification datasets (only
     for defenses and attacks that ran on all of them), and each retrieval dataset's R@1 as
     "image→text / text→image"."""
-    headline = headline_metrics(long)
     defenses = _order(headline["defense"], "none")
     attacks = _order(headline["attack"], "none")
     tables = []
@@ -176,9 +174,10 @@ def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> 
     if long.empty:
         raise UserError(f"no result files under {results_dir}", "run `vlbench run matrix` first")
     atomic_write_text(results_dir / "leaderboard.csv", long.to_csv(index=False))
-    table, notes = pivot(long)
+    headline = headline_metrics(long)
+    table, notes = pivot(headline)
     notes += flags(results)
-    compact = summaries(long)
+    compact = summaries(headline)
     footer = "".join(f"\n{note}\n" for note in notes)
     title = ("Top-1 accuracy (%) for classification, Recall@1 (%) for retrieval; "
              "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n")

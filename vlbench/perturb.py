@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import ImageAttack, MultimodalAttack, check_range
+from .components import build_component
 from .errors import UserError
 
 NORMS = ("Linf", "L2")
@@ -162,7 +163,39 @@ def linf_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps:
     return projected_gradient_ascent(images, loss_fn, None, "Linf", eps, step_size, steps, 1, True, generator)
 
 
-class ProjectedGradientAttack(ImageAttack):
+class NormBallAttack(ImageAttack):
+    """Base of the image attacks bounded by an L∞ or L2 ball: ``params.norm`` and
+    ``params.eps`` (L∞: in 1/255 pixel units; L2: a plain L2 norm in [0,1] pixel space) are
+    validated here, and the threat model is reported from them."""
+
+    def validate(self) -> None:
+        owner = f"attack {self.name}"
+        if self.params.norm not in NORMS:
+            raise UserError(f"{owner} norm {self.params.norm!r} is not supported", f"use one of {NORMS}")
+        linf = self.params.norm == "Linf"
+        check_range(owner, "eps", self.params.eps, 0, 255 if linf else 1000, "/255" if linf else "")
+
+    @property
+    def eps(self) -> float:
+        """The radius in [0,1] pixel units."""
+        return self.params.eps / 255 if self.params.norm == "Linf" else self.params.eps
+
+    def threat_model(self) -> dict:
+        model = {"modality": "image", "norm": self.params.norm, "eps": self.eps}
+        if self.params.norm == "Linf":
+            model["eps_255"] = self.params.eps
+        return model
+
+    def target_count(self, classes: int, asked: int) -> int:
+        """How many target classes a targeted attack can use (at most ``classes - 1``),
+        recording in the cell's notes when that is fewer than asked."""
+        count = min(asked, classes - 1)
+        if count < asked:
+            self.note(f"{self.name}: {classes} classes allow only {count} target classes (asked for {asked})")
+        return count
+
+
+class ProjectedGradientAttack(NormBallAttack):
     """Base of the PGD family: parameters, threat model and loop; subclasses choose the loss.
 
     For L∞, ``eps`` and ``step_size`` are in 1/255 pixel units; for L2 they are plain L2
@@ -179,12 +212,10 @@ class ProjectedGradientAttack(ImageAttack):
         random_start: bool = True
 
     def validate(self) -> None:
+        super().validate()
         owner = f"attack {self.name}"
-        if self.params.norm not in NORMS:
-            raise UserError(f"{owner} norm {self.params.norm!r} is not supported", f"use one of {NORMS}")
         unit = "/255" if self.params.norm == "Linf" else ""
         high = 255 if self.params.norm == "Linf" else 1000
-        check_range(owner, "eps", self.params.eps, 0, high, unit)
         check_range(owner, "step_size", self.params.step_size, 0, high, unit)
         check_range(owner, "steps", self.params.steps, 0, 100_000)
         check_range(owner, "restarts", self.params.restarts, 1, 1000)
@@ -192,14 +223,7 @@ class ProjectedGradientAttack(ImageAttack):
     def radius(self) -> tuple[float, float]:
         """``(eps, step_size)`` in [0,1] pixel units."""
         scale = 1 / 255 if self.params.norm == "Linf" else 1.0
-        return self.params.eps * scale, self.params.step_size * scale
-
-    def threat_model(self) -> dict:
-        eps, _ = self.radius()
-        model = {"modality": "image", "norm": self.params.norm, "eps": eps}
-        if self.params.norm == "Linf":
-            model["eps_255"] = self.params.eps
-        return model
+        return self.eps, self.params.step_size * scale
 
     def loss(self, objective, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -229,8 +253,6 @@ class TextThenImagePGDAttack(MultimodalAttack):
         text_params: dict = field(default_factory=lambda: {"budget": 1})
 
     def validate(self) -> None:
-        from .components import build_component
-
         owner = f"attack {self.name}"
         check_range(owner, "eps", self.params.eps, 0, 255, "/255")
         check_range(owner, "step_size", self.params.step_size, 0, 255, "/255")
