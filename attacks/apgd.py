@@ -31,14 +31,16 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
-from vlbench.perturb import NormBallAttack, cross_entropy, into_box, project, targeted_cross_entropy, targeted_dlr
+from vlbench.perturb import (NormBallAttack, SampleNoise, cross_entropy, into_box, project, targeted_cross_entropy,
+                             targeted_dlr)
 
 
-def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, generator, report=None):
+def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, noise, stream=0, report=None):
     """One APGD run on a batch; returns ``(adversarial, still_correct)``.
 
     ``logits_fn(x, rows)`` gives logits for the listed rows of the batch; ``loss_fn(logits, rows)``
-    the per-sample loss to maximise.
+    the per-sample loss to maximise; ``noise`` (a ``SampleNoise`` with one row per image) and
+    ``stream`` give the random start.
     """
     count = len(images)
     device = images.device
@@ -47,10 +49,10 @@ def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, generat
     decrease = max(int(0.03 * iterations), 1)
 
     if norm == "Linf":
-        t = torch.rand(images.shape, generator=generator).to(device) * 2 - 1
+        t = noise.uniform(images.shape[1:], stream).to(device) * 2 - 1
         start = images + eps * t / t.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     else:
-        t = torch.randn(images.shape, generator=generator).to(device)
+        t = noise.normal(images.shape[1:], stream).to(device)
         start = images + eps * t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     x_adv = start.clamp(0, 1)
 
@@ -149,13 +151,15 @@ class _APGD(NormBallAttack):
         result = images.clone()
         with torch.no_grad():
             robust = objective.correct(images)
-        for loss_fn in self.runs(objective, images):
+        noise = SampleNoise.of(objective, generator, len(images))
+        for run, loss_fn in enumerate(self.runs(objective, images)):
             rows = robust.nonzero().squeeze(1)
             if len(rows) == 0:
                 break
             adversarial, still = apgd(
                 images[rows], labels[rows], lambda x, r: objective.logits(x), lambda logits, r: loss_fn(logits, rows[r]),
-                self.params.norm, self.eps, self.params.iterations, self.params.rho, generator, report=self.note)
+                self.params.norm, self.eps, self.params.iterations, self.params.rho, noise.subset(rows), run,
+                report=self.note)
             result[rows] = adversarial
             robust[rows] = still
         return result

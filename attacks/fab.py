@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
-from vlbench.perturb import NormBallAttack, perturbation_norm
+from vlbench.perturb import NormBallAttack, SampleNoise, perturbation_norm
 
 
 def project_onto_hyperplane_in_box(points: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
@@ -188,14 +188,14 @@ class FABTargeted(NormBallAttack):
         check_range(owner, "beta", self.params.beta, 0, 1)
         check_range(owner, "n_target_classes", self.params.n_target_classes, 1, 10_000)
 
-    def _random_start(self, images, generator):
+    def _random_start(self, images, noise, stream):
         """The reference's restart point: a random direction at half the radius ε."""
         shape = (-1,) + (1,) * (images.dim() - 1)
         if self.params.norm == "Linf":
-            t = (torch.rand(images.shape, generator=generator) * 2 - 1).to(images.device, images.dtype)
+            t = (noise.uniform(images.shape[1:], stream) * 2 - 1).to(images.device, images.dtype)
             t = t / t.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(shape)
         else:
-            t = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+            t = noise.normal(images.shape[1:], stream).to(images.device, images.dtype)
             t = t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
         return (images + 0.5 * self.eps * t).clamp(0, 1)
 
@@ -212,12 +212,13 @@ class FABTargeted(NormBallAttack):
         robust = clean_logits.argmax(dim=1) == labels
         ranked = clean_logits.argsort(dim=1, descending=True)
         n_targets = self.target_count(classes, self.params.n_target_classes)
+        noise = SampleNoise.of(objective, generator, len(images))
         for rank in range(1, n_targets + 1):
             for restart in range(self.params.restarts):
                 rows = robust.nonzero().squeeze(1)
                 if len(rows) == 0:
                     return result
-                start = self._random_start(images[rows], generator) if restart > 0 else None
+                start = self._random_start(images[rows], noise.subset(rows), f"{rank}/{restart}") if restart > 0 else None
                 adversarial, broken = fab_run(
                     images[rows], labels[rows], ranked[rows, rank], lambda x, r: objective.logits(x),
                     self.params.norm, self.eps, self.params.iterations, self.params.alpha_max,

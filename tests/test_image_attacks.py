@@ -20,7 +20,8 @@ def setup(tiny_victim):
     weights = classifier_weights(tiny_victim, CLASSES, ["a {c} thing."])
     with torch.no_grad():  # label every image with its clean prediction: all start correct
         labels = (tiny_victim.encode_image(images) @ weights.T).argmax(dim=1)
-    return tiny_victim, images, ClassificationObjective(tiny_victim, weights, labels)
+    noise = perturb.SampleNoise(0, torch.arange(len(images)))  # as the evaluator keys samples
+    return tiny_victim, images, ClassificationObjective(tiny_victim, weights, labels, noise)
 
 
 def build(name, **params):
@@ -87,9 +88,31 @@ def test_apgd_is_at_least_as_strong_as_pgd_at_equal_budget(setup):
 
 def test_autoattack_is_the_pointwise_worst_case(setup):
     _, _, objective = setup
-    parts = [objective.correct(run(build(n, eps=2), setup)) for n in ("apgd-ce", "apgd-t")]
-    combined = objective.correct(run(build("autoattack", eps=2), setup))
-    assert combined.sum() <= (parts[0] & parts[1]).sum()
+    parts = [objective.correct(run(build(n, eps=12), setup)) for n in ("apgd-ce", "apgd-t")]
+    combined = objective.correct(run(build("autoattack", eps=12), setup))
+    # per sample, not only in total: a component inside AutoAttack, run on the samples the
+    # earlier ones left, starts each sample where it starts when run alone
+    assert not (combined & ~(parts[0] & parts[1])).any()
+    assert 0 < combined.sum() < parts[0].sum()
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "apgd-t", "fab-t"])
+def test_a_sample_is_attacked_alike_in_any_subset(setup, name):
+    victim, images, objective = setup
+    attack = build(name, eps=4, **({"restarts": 2} if name != "apgd-t" else {}))
+    whole = run(attack, setup)
+    rows = torch.tensor([3, 7, 8, 20])
+    alone = attack.perturb_images(victim, images[rows], objective.subset(rows), torch.Generator().manual_seed(9))
+    assert torch.allclose(alone, whole[rows], atol=1e-5)
+
+
+def test_sample_noise_depends_on_seed_key_and_stream_only():
+    noise = perturb.SampleNoise(3, torch.tensor([10, 11, 12]))
+    draws = noise.uniform((2, 2), stream=1)
+    assert torch.equal(noise.subset(torch.tensor([2, 0])).uniform((2, 2), stream=1), draws[[2, 0]])
+    assert torch.equal(perturb.SampleNoise(3, torch.tensor([12])).uniform((2, 2), stream=1), draws[2:])
+    assert not torch.equal(noise.uniform((2, 2), stream=2), draws)
+    assert not torch.equal(perturb.SampleNoise(4, noise.keys).uniform((2, 2), stream=1), draws)
 
 
 def test_autoattack_result_names_its_components():

@@ -1,13 +1,16 @@
 """Multimodal attacks: image stage inside its budget and the box, eps=0 leaves images alone,
 text stage within its word budget, deterministic, and no better than clean."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from vlbench import api
 from vlbench.cache import EmbeddingCache
-from vlbench.datasets import DatasetSpec, EvalData
+from vlbench.datasets import DatasetSpec, EvalData, get_spec, loaders
+from vlbench.world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
 from vlbench.tasks import EvalContext, MultimodalProblem, evaluate
 
 TEXT = {"text_attack": "deepwordbug", "text_params": {"budget": 1}}
@@ -46,15 +49,24 @@ def build(name, **params):
     return api.build("attacks", name, {**TEXT, **params})
 
 
+@pytest.fixture(scope="module")
+def world_retrieval():
+    """12 test scenes of the world's retrieval task, 5 captions each."""
+    spec = dataclasses.replace(get_spec("world-retrieval"), options={"n": 12})
+    loaded = loaders.get(spec.loader)(spec, None, None)
+    return EvalData(spec, loaded.images, None, None, loaded.captions)
+
+
 @pytest.mark.parametrize("name", list(RETRIEVAL))
-def test_retrieval_attack_is_no_better_than_clean_and_deterministic(tiny_victim, retrieval_data, tmp_path, name):
+def test_retrieval_attack_lowers_recall_and_is_deterministic(world_victim, world_retrieval, tmp_path, name):
+    # a trained victim: on a random one, recall sits at chance and an attack can raise it
     attack = build(name, **RETRIEVAL[name])
-    first = evaluate(ctx(tiny_victim, tmp_path), retrieval_data, list(range(6)), attack, torch.Generator().manual_seed(0))
-    again = evaluate(ctx(tiny_victim, tmp_path), retrieval_data, list(range(6)), attack, torch.Generator().manual_seed(0))
+    first = evaluate(ctx(world_victim, tmp_path), world_retrieval, list(range(12)), attack, torch.Generator().manual_seed(0))
+    again = evaluate(ctx(world_victim, tmp_path), world_retrieval, list(range(12)), attack, torch.Generator().manual_seed(0))
     assert first == again
     assert first["max_words_changed"] <= 1
-    for key in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5"):
-        assert first[key] <= first[f"clean_{key}"] + 1e-9
+    for key in ("i2t_R@1", "t2i_R@1"):
+        assert first[key] < first[f"clean_{key}"]
 
 
 def test_mmcoa_attack_on_classification(tiny_victim, classification_data, tmp_path):

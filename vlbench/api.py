@@ -116,8 +116,11 @@ class Objective(Protocol):
     ``rows`` optionally names which samples of the batch ``images`` holds (an attack may
     keep working only on the samples that are still correct). Classification objectives
     also offer ``logits(images)``, ``labels_for(rows)`` and ``num_classes`` for attacks with
-    margin losses.
+    margin losses. ``noise`` (a ``vlbench.perturb.SampleNoise`` or None) keys random draws
+    by sample, and ``subset(rows)`` gives the objective of a subset of the batch, noise and all.
     """
+
+    noise: Any
 
     def loss(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample loss of the victim on ``images`` (higher is worse for the victim)."""

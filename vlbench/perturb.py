@@ -1,6 +1,11 @@
 """The geometry image attacks share: L∞ / L2 balls in [0,1] pixel space, random starts,
 steepest-ascent directions, and the margin losses of the robustness literature.
 
+Random starts come from :class:`SampleNoise`, keyed by sample, so that an attack draws the
+same start for a sample whichever batch or subset it sees it in: APGD-T inside AutoAttack
+(on the samples APGD-CE left) then starts where standalone APGD-T does, and "the worst case
+over components is at most each component" holds sample by sample, not only on average.
+
 Losses take logits ``[B, C]`` and return one value per sample, to be *maximised*:
 
 - cross-entropy;
@@ -13,6 +18,7 @@ Losses take logits ``[B, C]`` and return one value per sample, to be *maximised*
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -43,16 +49,58 @@ def into_box(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (images + delta).clamp(0, 1) - images
 
 
-def random_start(images: torch.Tensor, norm: str, eps: float, generator: torch.Generator) -> torch.Tensor:
-    """A random perturbation inside the ball (uniform per pixel for L∞, uniform in the L2 ball)."""
+class SampleNoise:
+    """Random draws keyed by sample: the draw for one sample depends only on ``(seed, key,
+    stream)``, never on which other samples share its batch.
+
+    ``keys`` name the samples of a batch (the evaluator uses dataset indices); ``stream``
+    names the draw (an attack's restart or run number), so restarts differ from each other.
+    """
+
+    def __init__(self, seed: int, keys):
+        self.seed = int(seed)
+        self.keys = torch.as_tensor(keys, dtype=torch.long).cpu()
+
+    @classmethod
+    def of(cls, objective, generator: torch.Generator, count: int) -> "SampleNoise":
+        """The objective's per-sample noise, or, for an objective without one (training, a
+        plugin's own objective), ``count`` anonymous samples under a seed from ``generator``."""
+        noise = getattr(objective, "noise", None)
+        if noise is not None:
+            return noise
+        return cls(int(torch.randint(0, 2 ** 62, (1,), generator=generator)), torch.arange(count))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, rows: torch.Tensor) -> "SampleNoise":
+        return SampleNoise(self.seed, self.keys[torch.as_tensor(rows).cpu()])
+
+    def generator_for(self, key: int, stream) -> torch.Generator:
+        """The generator of one sample's draw, seeded from a hash of ``(seed, key, stream)``."""
+        digest = hashlib.blake2b(f"{self.seed}/{key}/{stream}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+    def uniform(self, shape: tuple, stream=0) -> torch.Tensor:
+        """``[len(self), *shape]`` draws from U[0, 1)."""
+        return torch.stack([torch.rand(shape, generator=self.generator_for(k, stream)) for k in self.keys.tolist()])
+
+    def normal(self, shape: tuple, stream=0) -> torch.Tensor:
+        """``[len(self), *shape]`` draws from N(0, 1)."""
+        return torch.stack([torch.randn(shape, generator=self.generator_for(k, stream)) for k in self.keys.tolist()])
+
+
+def random_start(images: torch.Tensor, norm: str, eps: float, noise: SampleNoise, stream=0) -> torch.Tensor:
+    """A random perturbation inside the ball (uniform per pixel for L∞, uniform in the L2
+    ball), drawn per sample from ``noise``."""
     shape = images.shape
     if norm == "Linf":
-        delta = (torch.rand(shape, generator=generator) * 2 - 1) * eps
+        delta = (noise.uniform(shape[1:], stream) * 2 - 1) * eps
     else:
-        direction = torch.randn(shape, generator=generator)
+        direction = noise.normal(shape[1:], stream)
         direction = direction / (_flat_norm(direction) + _TINY)
         dims = images[0].numel()
-        radius = torch.rand(shape[0], generator=generator) ** (1.0 / dims) * eps
+        radius = noise.uniform((), f"{stream}/radius") ** (1.0 / dims) * eps
         delta = direction * radius.view(-1, *([1] * (len(shape) - 1)))
     return into_box(images, delta.to(images.device, images.dtype))
 
@@ -108,10 +156,10 @@ def targeted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, targets: 
 
 def projected_gradient_ascent(images: torch.Tensor, loss_fn, correct_fn, norm: str, eps: float,
                               step_size: float, steps: int, restarts: int, random_init: bool,
-                              generator: torch.Generator, report=None) -> torch.Tensor:
+                              noise: SampleNoise, report=None) -> torch.Tensor:
     """PGD (Madry et al., ICLR 2018, §2) on ``loss_fn`` with restarts.
 
-    Each restart runs from a fresh random start on the samples ``correct_fn`` still reports
+    Each restart runs from a fresh random start (``noise``, one row per image) on the samples ``correct_fn`` still reports
     correct; a sample keeps the first restart that breaks it, otherwise the restart with the
     highest final loss. ``loss_fn(images, rows)`` and ``correct_fn(images, rows)`` evaluate the
     given rows of the batch. The last iterate of each restart is its result (no best-iterate
@@ -131,7 +179,7 @@ def projected_gradient_ascent(images: torch.Tensor, loss_fn, correct_fn, norm: s
             if len(active) == 0:
                 break
         x = images[active]
-        delta = random_start(x, norm, eps, generator) if random_init else torch.zeros_like(x)
+        delta = random_start(x, norm, eps, noise.subset(active.cpu()), restart) if random_init else torch.zeros_like(x)
         first_loss = None
         for step in range(steps):
             delta.requires_grad_(True)
@@ -160,7 +208,8 @@ def linf_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps:
     """L∞ PGD from a uniform start, one restart, every sample for every step (``eps`` and
     ``step_size`` in [0,1] pixel units): the training attacks of TeCoA, MMCoA and N:N and the
     image stage of Co-Attack and SGA, which have no per-sample "already broken" test."""
-    return projected_gradient_ascent(images, loss_fn, None, "Linf", eps, step_size, steps, 1, True, generator)
+    return projected_gradient_ascent(images, loss_fn, None, "Linf", eps, step_size, steps, 1, True,
+                                     SampleNoise.of(None, generator, len(images)))
 
 
 class NormBallAttack(ImageAttack):
@@ -233,7 +282,7 @@ class ProjectedGradientAttack(NormBallAttack):
         return projected_gradient_ascent(
             images, lambda x, rows: self.loss(objective, x, rows), objective.correct,
             self.params.norm, eps, step_size, self.params.steps, self.params.restarts,
-            self.params.random_start, generator, report=self.note)
+            self.params.random_start, SampleNoise.of(objective, generator, len(images)), report=self.note)
 
 
 class TextThenImagePGDAttack(MultimodalAttack):
@@ -286,7 +335,7 @@ def momentum_sign_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: floa
     ``v ← μ·v + sign(∇)``, ``δ ← Proj(δ + α·sign(v))``."""
     if eps == 0:
         return images.clone()
-    delta = random_start(images, "Linf", eps, generator)
+    delta = random_start(images, "Linf", eps, SampleNoise.of(None, generator, len(images)))
     velocity = torch.zeros_like(images)
     for _ in range(steps):
         delta.requires_grad_(True)

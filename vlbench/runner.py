@@ -271,7 +271,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
         started = time.perf_counter()
         victim, model_info = obtain_model(base, cells[0].defense, progress)
         model_seconds = time.perf_counter() - started
-        ctx = EvalContext(victim, cache, cfg.batch_size, progress)
+        ctx = EvalContext(victim, cache, cfg.batch_size, progress, cfg.seed)
         for cell in cells:
             data = datasets[cell.dataset]
             indices = subset_indices(len(data), cfg.limit, cfg.seed)

@@ -25,7 +25,9 @@ from .api import Attack, ImageAttack, MultimodalAttack, NoAttack, TextAttack
 from .cache import EmbeddingCache
 from .datasets import EvalData, subset_hash
 from .errors import UserError
+from .io import stable_hash
 from .model import Victim
+from .perturb import SampleNoise
 
 RECALL_KS = (1, 5, 10)
 
@@ -36,6 +38,7 @@ class EvalContext:
     cache: EmbeddingCache
     batch_size: int = 256
     progress: bool = True
+    seed: int = 0
 
 
 def image_batches(data: EvalData, indices: list[int], batch_size: int,
@@ -89,15 +92,20 @@ def cached_classifier(ctx: EvalContext, data: EvalData) -> torch.Tensor:
         key, lambda: classifier_weights(ctx.victim, data.classnames, data.templates).cpu())
 
 
+def _noise_subset(noise: SampleNoise | None, rows: torch.Tensor) -> SampleNoise | None:
+    return None if noise is None else noise.subset(rows)
+
+
 class ClassificationObjective:
     """Cross-entropy of ``logit_scale * cos(image, class)`` against the true class.
 
     ``rows`` (optional) says which samples of the batch ``images`` holds, for attacks that
-    work on a shrinking set of still-correct samples.
+    work on a shrinking set of still-correct samples; ``noise`` keys random starts by sample.
     """
 
-    def __init__(self, victim: Victim, weights: torch.Tensor, labels: torch.Tensor):
-        self.victim, self.weights, self.labels = victim, weights, labels
+    def __init__(self, victim: Victim, weights: torch.Tensor, labels: torch.Tensor,
+                 noise: SampleNoise | None = None):
+        self.victim, self.weights, self.labels, self.noise = victim, weights, labels, noise
 
     @property
     def num_classes(self) -> int:
@@ -107,7 +115,7 @@ class ClassificationObjective:
         return self.victim.logit_scale * self.victim.encode_image(images) @ self.weights.T
 
     def subset(self, rows: torch.Tensor) -> "ClassificationObjective":
-        return ClassificationObjective(self.victim, self.weights, self.labels[rows])
+        return ClassificationObjective(self.victim, self.weights, self.labels[rows], _noise_subset(self.noise, rows))
 
     def labels_for(self, rows: torch.Tensor | None) -> torch.Tensor:
         return self.labels if rows is None else self.labels[rows]
@@ -122,14 +130,15 @@ class ClassificationObjective:
 class RetrievalObjective:
     """Image→text InfoNCE over the gallery captions, with every own caption a positive."""
 
-    def __init__(self, victim: Victim, text_embeddings: torch.Tensor, positives: torch.Tensor):
-        self.victim, self.texts, self.positives = victim, text_embeddings, positives
+    def __init__(self, victim: Victim, text_embeddings: torch.Tensor, positives: torch.Tensor,
+                 noise: SampleNoise | None = None):
+        self.victim, self.texts, self.positives, self.noise = victim, text_embeddings, positives, noise
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.victim.logit_scale * self.victim.encode_image(images) @ self.texts.T
 
     def subset(self, rows: torch.Tensor) -> "RetrievalObjective":
-        return RetrievalObjective(self.victim, self.texts, self.positives[rows])
+        return RetrievalObjective(self.victim, self.texts, self.positives[rows], _noise_subset(self.noise, rows))
 
     def _positives(self, rows: torch.Tensor | None) -> torch.Tensor:
         return self.positives if rows is None else self.positives[rows]
@@ -265,9 +274,14 @@ def _adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int]
     victim = ctx.victim
     embeddings, correct = [], []
     desc = f"{attack.name} {data.name}"
+    # Random starts keyed by (run seed, dataset, sample index) leave a sample's start
+    # independent of its batch and of the attack, so compositions can be compared per sample.
+    noise_seed = int(stable_hash({"seed": ctx.seed, "dataset": data.name}, 15), 16)
     for batch, (images, targets) in enumerate(image_batches(data, indices, ctx.batch_size, desc, ctx.progress)):
         images, targets = images.to(victim.device), targets.to(victim.device)
         objective = make_objective(images, targets)
+        start = batch * ctx.batch_size
+        objective.noise = SampleNoise(noise_seed, indices[start:start + len(images)])
         if batch == 0:
             _probe_determinism(attack, victim, images, objective, generator)
         with torch.enable_grad():
