@@ -20,7 +20,7 @@ cannot change), and restarts and further targets attack only samples still corre
 ``apgd-t`` runs one APGD per target class — the 2nd to (n_target_classes+1)-th highest clean
 logits, 9 targets by default — with the targeted DLR loss (Eq. 6). Targeted DLR needs 4
 classes and the reference cannot run it below that (its ``checks.py`` warns); vlbench then
-uses the targeted cross-entropy and records that in the cell's warnings, and caps the
+uses the targeted cross-entropy and records that in the cell's adjustments, and caps the
 number of targets at C − 1. Classification only: both losses are defined on class logits.
 """
 
@@ -203,8 +203,8 @@ class APGDTargeted(_APGD):
         loss = targeted_dlr
         if classes < 4:
             loss = targeted_cross_entropy
-            self.note(f"{self.name}: targeted DLR needs 4 classes, this task has {classes}; "
-                      "used targeted cross-entropy")
+            self.adjust(f"{self.name}: targeted DLR needs 4 classes, this task has {classes}; "
+                        "used targeted cross-entropy")
         runs = []
         for rank in range(1, n_targets + 1):
             targets = ranked[:, rank]

@@ -88,4 +88,6 @@ class AutoAttack(ImageAttack):
             robust[rows] = still
             for message in component.take_notes():
                 self.note(message)
+            for message in component.take_adjustments():
+                self.adjust(message)
         return result

@@ -46,7 +46,7 @@ Choices of vlbench (not in the reference):
   and a found point is never lost), only spares iterations, so the returned point may be
   farther from x_orig than the reference's minimised one (but still within ε).
 - fewer classes than n_target_classes + 1: the number of targets is capped at C − 1 and
-  the cell's warnings say so (as ``apgd-t``); FAB-T needs no DLR, so nothing else changes.
+  the cell's adjustments say so (as ``apgd-t``); FAB-T needs no DLR, so nothing else changes.
 - a sample whose targeted margin has an exactly zero gradient is reported once ("gradients
   may be masked or zero"), the same warning APGD gives.
 

@@ -50,7 +50,7 @@ class FARE(AdversarialTrainingDefense):
         self.reference = copy.deepcopy(victim.model.visual).eval().requires_grad_(False)
 
         def loss_at(step: int):
-            images, _, _ = batches.batch(step)
+            images = batches.batch(step).images
             with torch.no_grad():
                 target = self.reference(victim.preprocess(images))
 

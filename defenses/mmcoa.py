@@ -17,6 +17,13 @@ samples of the same class share a caption and still count as in-batch negatives.
 attacks each distinct caption once (captions repeat per class), with the current weights.
 Recipe (``configs/Ad_cifar100_PGD.yaml``; the code builds Adam with CLIP's betas and a
 coupled weight decay 0.2, no schedule): CIFAR-100, 30 epochs of batch 256, lr 1e-6.
+
+The paper trains and evaluates on classification only. vlbench also accepts retrieval
+datasets in ``train_datasets`` (round robin with the classification ones): a retrieval
+batch pairs each image with one of its ground-truth captions, drawn uniformly, in place of
+the class caption, and x' is PGD on the image→text in-batch contrastive loss against the
+batch's clean captions, the counterpart of PGD against all class prompts. The loss L is
+unchanged: it is written for any image-text pairs.
 """
 
 from dataclasses import dataclass, field
@@ -65,21 +72,28 @@ class MMCoA(AdversarialTrainingDefense):
     def fit(self, victim, run) -> dict:
         p = self.params
         self.prepare()
-        batches = self.batches(victim)
+        batches = self.batches(victim, tasks=("classification", "retrieval"))
         attack_rng = torch.Generator().manual_seed(p.seed + 1)
 
         def loss_at(step: int):
-            images, labels, weights = batches.batch(step)
-            names = batches.datasets[step % len(batches.datasets)].classnames
-            captions = [CAPTION.format(c=names[int(y)]) for y in labels]
+            batch = batches.batch(step)
+            images = batch.images
+            scale = victim.logit_scale
+            if batch.captions is None:
+                captions = [CAPTION.format(c=batch.classnames[int(y)]) for y in batch.labels]
+                targets, labels = batch.class_weights, batch.labels
+            else:  # retrieval pairs: row i's caption is the i-th target
+                captions = batch.captions
+                with torch.no_grad():
+                    targets = victim.encode_texts(captions)
+                labels = torch.arange(len(captions), device=images.device)
             distinct = sorted(set(captions))
             with torch.no_grad():
                 objective = EmbeddingShiftObjective(victim, distinct, victim.encode_texts(distinct))
             attacked = dict(zip(distinct, self.text_attack.perturb_texts(victim, objective, attack_rng)))
-            scale = victim.logit_scale
 
             adversarial_images = self.image_adversary(
-                victim, images, lambda x, rows: class_prompt_loss(victim.encode_image(x), weights, labels[rows],
+                victim, images, lambda x, rows: class_prompt_loss(victim.encode_image(x), targets, labels[rows],
                                                                   scale.detach(), reduction="none"), attack_rng)
             clean_texts = victim.encode_text(victim.tokenize(captions))
             adversarial_texts = victim.encode_text(victim.tokenize([attacked[c] for c in captions]))

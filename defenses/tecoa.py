@@ -41,8 +41,8 @@ class TeCoA(AdversarialTrainingDefense):
         scale = victim.logit_scale.detach()
 
         def loss_at(step: int):
-            images, labels, weights = batches.batch(step)
-
+            batch = batches.batch(step)
+            images, labels, weights = batch.images, batch.labels, batch.class_weights
             adversarial = self.image_adversary(
                 victim, images, lambda x, rows: class_prompt_loss(victim.encode_image(x), weights, labels[rows], scale,
                                                                   reduction="none"), attack_rng)

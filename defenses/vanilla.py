@@ -30,7 +30,8 @@ class VanillaFineTuning(TrainingDefense):
         batches = self.batches(victim)
 
         def loss_at(step: int):
-            images, labels, weights = batches.batch(step)
-            return class_prompt_loss(victim.encode_image(images), weights, labels, victim.logit_scale.detach())
+            batch = batches.batch(step)
+            return class_prompt_loss(victim.encode_image(batch.images), batch.class_weights, batch.labels,
+                                     victim.logit_scale.detach())
 
         return self.train(victim, run, victim.model.visual.parameters(), loss_at, {"batches": batches.generator})

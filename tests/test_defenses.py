@@ -9,7 +9,7 @@ import torch
 
 from vlbench import api, losses
 from vlbench.tasks import classifier_weights
-from vlbench.train import TrainingRun
+from vlbench.train import TrainingBatch, TrainingRun
 
 torch.manual_seed(0)
 B, D, C = 6, 8, 4
@@ -58,28 +58,32 @@ class ToyData:
 
 
 class ToyBatches:
-    """Stands in for the card's training splits: seeded random images of four classes."""
+    """Stands in for the card's training splits: seeded random images of four classes, or
+    (``captions``) of image-caption pairs."""
 
-    def __init__(self, victim):
+    def __init__(self, victim, captions=False):
         self.generator = torch.Generator().manual_seed(0)
-        self.datasets = [ToyData()]
+        self.captions = captions
         with torch.no_grad():
             self.weights = classifier_weights(victim, ToyData.classnames, ["a {c} thing."])
 
     def batch(self, step):
         images = torch.rand(8, 3, 32, 32, generator=self.generator)
         labels = torch.randint(0, 4, (8,), generator=self.generator)
-        return images, labels, self.weights
+        if self.captions:
+            return TrainingBatch(images, captions=[f"a {ToyData.classnames[y]} blob number {i}"
+                                                   for i, y in enumerate(labels.tolist())])
+        return TrainingBatch(images, labels, self.weights, ToyData.classnames)
 
 
 TRAINS_VISUAL_ONLY = ["vanilla", "tecoa", "fare"]
 SMALL = {"steps": 2, "warmup": 0, "lr": 1e-3, "optimizer": "adamw"}
 
 
-def fit(name, tiny_victim, monkeypatch, **params):
+def fit(name, tiny_victim, monkeypatch, captions=False, **params):
     victim = copy.deepcopy(tiny_victim)
     defense = api.build("defenses", name, {**SMALL, **params})
-    monkeypatch.setattr(type(defense), "batches", lambda self, v: ToyBatches(v))
+    monkeypatch.setattr(type(defense), "batches", lambda self, v, **_: ToyBatches(v, captions))
     before = {k: v.clone() for k, v in victim.model.state_dict().items()}
     defense.fit(victim, TrainingRun(progress=False))
     changed = {k for k, v in victim.model.state_dict().items() if not torch.equal(v, before[k])}
@@ -100,6 +104,32 @@ def test_mmcoa_trains_both_encoders_and_the_logit_scale(tiny_victim, monkeypatch
     assert "logit_scale" in changed and "logit_scale" in with_grad
     assert any(k.startswith("visual.") for k in changed)
     assert any(k.startswith("transformer.") or k.startswith("token_embedding") for k in changed)
+
+
+def test_mmcoa_on_caption_pairs_attacks_the_captions(tiny_victim, monkeypatch):
+    attacked = []
+    original = api.attacks.get("deepwordbug").perturb_texts
+    monkeypatch.setattr(api.attacks.get("deepwordbug"), "perturb_texts",
+                        lambda self, victim, objective, generator: (attacked.append(list(objective.texts)),
+                                                                    original(self, victim, objective, generator))[1])
+    _, changed, _ = fit("mmcoa", tiny_victim, monkeypatch, captions=True, text_attack="deepwordbug",
+                        text_params={"budget": 1}, attack_steps=2)
+    assert len(attacked) == 2 and all(len(texts) == 8 and "blob number" in texts[0] for texts in attacked)
+    assert any(k.startswith("visual.") for k in changed) and any(k.startswith("transformer.") for k in changed)
+
+
+def test_training_batches_pair_retrieval_images_with_their_captions(tiny_victim):
+    from vlbench.errors import UserError
+    from vlbench.train import TrainingBatches
+    from vlbench.world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
+
+    batches = TrainingBatches(tiny_victim, ["world-shape", "world-retrieval"], "test", 4, 0,
+                              tasks=("classification", "retrieval"))
+    shapes, pairs = batches.batch(0), batches.batch(1)
+    assert shapes.captions is None and shapes.labels.shape == (4,) and shapes.class_weights is not None
+    assert pairs.labels is None and len(pairs.captions) == 4 and pairs.images.shape[0] == 4
+    with pytest.raises(UserError, match="needs classification data, it is retrieval"):
+        TrainingBatches(tiny_victim, ["world-retrieval"], "test", 4, 0)
 
 
 def test_fare_reference_encoder_stays_frozen(tiny_victim, monkeypatch):

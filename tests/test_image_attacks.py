@@ -185,7 +185,8 @@ def test_fab_t_caps_targets_below_ten_classes(tiny_victim):
     attack = api.build("attacks", "fab-t", {"eps": 8, "iterations": 3})
     adversarial = attack.perturb_images(tiny_victim, images, objective, torch.Generator().manual_seed(0))
     assert (adversarial - images).abs().max() <= 8 / 255 + 1e-6
-    assert any("only 2 target classes (asked for 9)" in n for n in attack.take_notes())
+    assert any("only 2 target classes (asked for 9)" in n for n in attack.take_adjustments())
+    assert attack.take_notes() == []
 
 
 def test_fab_t_restarts_are_seeded(setup):
@@ -199,7 +200,7 @@ def test_apgd_t_falls_back_below_four_classes(tiny_victim):
     objective = ClassificationObjective(tiny_victim, weights, torch.zeros(8, dtype=torch.long))
     attack = build("apgd-t", eps=8)
     attack.perturb_images(tiny_victim, images, objective, torch.Generator().manual_seed(0))
-    notes = attack.take_notes()
+    notes = attack.take_adjustments()
     assert any("targeted cross-entropy" in n for n in notes) and any("only 2 target" in n for n in notes)
 
 

@@ -16,7 +16,7 @@ from vlbench.cli import main
 from vlbench.runner import MatrixConfig, PluginSpec, make_plan, run_matrix
 
 REQUIRED_KEYS = {"schema", "cell", "defense", "attack", "dataset", "task", "config", "metrics", "n",
-                 "subset_hash", "seed", "versions", "code_revision", "timings", "warnings"}
+                 "subset_hash", "seed", "versions", "code_revision", "timings", "warnings", "adjustments"}
 
 
 def config(out, checkpoint, **overrides):

@@ -141,13 +141,25 @@ class Attack(Plugin):
         return {"modality": self.modality}
 
     def note(self, message: str) -> None:
-        """Record something the cell's result should warn about (e.g. a fallback taken)."""
-        notes = self.__dict__.setdefault("notes", [])
-        if message not in notes:
-            notes.append(message)
+        """Record a warning for the cell's result (e.g. a loss that never increased); the
+        leaderboard flags cells that carry one."""
+        self._record("notes", message)
+
+    def adjust(self, message: str) -> None:
+        """Record how the attack adapted its configuration to the task (e.g. fewer target
+        classes than asked): kept in the cell's result, not flagged as a warning."""
+        self._record("adjustments", message)
+
+    def _record(self, kind: str, message: str) -> None:
+        messages = self.__dict__.setdefault(kind, [])
+        if message not in messages:
+            messages.append(message)
 
     def take_notes(self) -> list[str]:
         return self.__dict__.pop("notes", [])
+
+    def take_adjustments(self) -> list[str]:
+        return self.__dict__.pop("adjustments", [])
 
     def skip_reason(self, task: str) -> str | None:
         if task not in self.tasks:

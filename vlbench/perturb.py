@@ -237,10 +237,10 @@ class NormBallAttack(ImageAttack):
 
     def target_count(self, classes: int, asked: int) -> int:
         """How many target classes a targeted attack can use (at most ``classes - 1``),
-        recording in the cell's notes when that is fewer than asked."""
+        recording in the cell's adjustments when that is fewer than asked."""
         count = min(asked, classes - 1)
         if count < asked:
-            self.note(f"{self.name}: {classes} classes allow only {count} target classes (asked for {asked})")
+            self.adjust(f"{self.name}: {classes} classes allow only {count} target classes (asked for {asked})")
         return count
 
 

@@ -279,7 +279,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
             torch.manual_seed(_cell_seed(cfg.seed, cell))
             bar.set_postfix_str(cell.id.rsplit("__", 1)[0])
             t0 = time.perf_counter()
-            cell.attack.take_notes()
+            cell.attack.take_notes(), cell.attack.take_adjustments()
             metrics = evaluate(ctx, data, indices, cell.attack, generator)
             result = {
                 "schema": RESULT_SCHEMA, "cell": cell.id,
@@ -292,6 +292,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
                 "timings": {"evaluate_s": round(time.perf_counter() - t0, 3),
                             "model_s": round(model_seconds, 3)},
                 "warnings": cell_warnings(cell.task, metrics) + cell.attack.take_notes(),
+                "adjustments": cell.attack.take_adjustments(),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             }
             atomic_write_json(cell.path, result)
