@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
-from vlbench.perturb import (NormBallAttack, SampleNoise, cross_entropy, into_box, project, targeted_cross_entropy,
-                             targeted_dlr)
+from vlbench.perturb import (NormBallAttack, SampleNoise, cross_entropy, into_box, project, random_offset,
+                             targeted_cross_entropy, targeted_dlr)
 
 
 def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, noise, stream=0, report=None):
@@ -48,13 +48,7 @@ def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, noise, 
     min_check = max(int(0.06 * iterations), 1)
     decrease = max(int(0.03 * iterations), 1)
 
-    if norm == "Linf":
-        t = noise.uniform(images.shape[1:], stream).to(device) * 2 - 1
-        start = images + eps * t / t.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    else:
-        t = noise.normal(images.shape[1:], stream).to(device)
-        start = images + eps * t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    x_adv = start.clamp(0, 1)
+    x_adv = (images + random_offset(images, norm, eps, noise, stream)).clamp(0, 1)
 
     def evaluate(x, rows):
         x = x.clone().requires_grad_(True)

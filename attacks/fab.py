@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
-from vlbench.perturb import NormBallAttack, SampleNoise, perturbation_norm
+from vlbench.perturb import NormBallAttack, SampleNoise, perturbation_norm, random_offset
 
 
 def project_onto_hyperplane_in_box(points: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
@@ -190,14 +190,7 @@ class FABTargeted(NormBallAttack):
 
     def _random_start(self, images, noise, stream):
         """The reference's restart point: a random direction at half the radius ε."""
-        shape = (-1,) + (1,) * (images.dim() - 1)
-        if self.params.norm == "Linf":
-            t = (noise.uniform(images.shape[1:], stream) * 2 - 1).to(images.device, images.dtype)
-            t = t / t.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(shape)
-        else:
-            t = noise.normal(images.shape[1:], stream).to(images.device, images.dtype)
-            t = t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-        return (images + 0.5 * self.eps * t).clamp(0, 1)
+        return (images + random_offset(images, self.params.norm, 0.5 * self.eps, noise, stream)).clamp(0, 1)
 
     def perturb_images(self, victim, images, objective, generator):
         if self.eps == 0:

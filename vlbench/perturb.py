@@ -81,13 +81,26 @@ class SampleNoise:
         digest = hashlib.blake2b(f"{self.seed}/{key}/{stream}".encode(), digest_size=8).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
+    def _draw(self, sampler, shape: tuple, stream) -> torch.Tensor:
+        return torch.stack([sampler(shape, generator=self.generator_for(k, stream)) for k in self.keys.tolist()])
+
     def uniform(self, shape: tuple, stream=0) -> torch.Tensor:
         """``[len(self), *shape]`` draws from U[0, 1)."""
-        return torch.stack([torch.rand(shape, generator=self.generator_for(k, stream)) for k in self.keys.tolist()])
+        return self._draw(torch.rand, shape, stream)
 
     def normal(self, shape: tuple, stream=0) -> torch.Tensor:
         """``[len(self), *shape]`` draws from N(0, 1)."""
-        return torch.stack([torch.randn(shape, generator=self.generator_for(k, stream)) for k in self.keys.tolist()])
+        return self._draw(torch.randn, shape, stream)
+
+
+def random_offset(images: torch.Tensor, norm: str, radius: float, noise: SampleNoise, stream=0) -> torch.Tensor:
+    """A random perturbation of ``norm`` exactly ``radius`` per sample, shaped like
+    ``images``: ``radius · t / ‖t‖`` with ``t ~ U[-1,1]`` (L∞) or ``N(0, 1)`` (L2), the random
+    starts of APGD and FAB (fra31/auto-attack ``autopgd_base.py``, ``fab_base.py``) at
+    radius ε and ε/2. Not clipped to the box."""
+    t = noise.uniform(images.shape[1:], stream) * 2 - 1 if norm == "Linf" else noise.normal(images.shape[1:], stream)
+    t = t.to(images.device, images.dtype)
+    return radius * t / perturbation_norm(t, norm).clamp_min(_TINY).view(-1, *([1] * (images.dim() - 1)))
 
 
 def random_start(images: torch.Tensor, norm: str, eps: float, noise: SampleNoise, stream=0) -> torch.Tensor:
@@ -179,7 +192,7 @@ def projected_gradient_ascent(images: torch.Tensor, loss_fn, correct_fn, norm: s
             if len(active) == 0:
                 break
         x = images[active]
-        delta = random_start(x, norm, eps, noise.subset(active.cpu()), restart) if random_init else torch.zeros_like(x)
+        delta = random_start(x, norm, eps, noise.subset(active), restart) if random_init else torch.zeros_like(x)
         first_loss = None
         for step in range(steps):
             delta.requires_grad_(True)
