@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlbench.api import defenses
-from vlbench.augment import IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
+from vlbench.augment import BANK_REVISION, IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
 from vlbench.datasets import load_dataset
 from vlbench.errors import UserError
 from vlbench.losses import clip_loss
@@ -86,6 +86,14 @@ class NN(AdversarialTrainingDefense):
 
     def training_data(self) -> dict:
         return {**super().training_data(), "augment": list(self.params.augment)}
+
+    def config(self) -> dict:
+        # The bank's revision is part of an augmented model's identity: a changed generator
+        # gives new checkpoints and new result cells, never a reuse of the old ones.
+        config = super().config()
+        if self.augment_config() is not None:
+            config["bank_revision"] = BANK_REVISION
+        return config
 
     def fit(self, victim, run) -> dict:
         p = self.params

@@ -46,6 +46,8 @@ def test_world_generators_are_exact(small_retrieval):
         for text in texts:
             named = scene_from_caption(text)
             assert all(getattr(scenes[row], k) == v for k, v in named.items()) and named
+        # a captioner's captions are new pairs, not the ground-truth captions again
+        assert not set(texts) & set(small_retrieval.captions[row])
     drawn = WorldPainter().draw(small_retrieval.captions[0][:2], (32, 32), random.Random(0))
     assert drawn.shape == (2, 3, 32, 32) and 0 <= drawn.min() and drawn.max() <= 1
 
@@ -89,3 +91,15 @@ def test_nn_rejects_unknown_pools_and_classification_data():
 
     with pytest.raises(UserError, match="unknown augmentation pools"):
         api.build("defenses", "nn", {"augment": ["mixup"]})
+
+
+def test_augmented_nn_identity_follows_the_bank_revision(monkeypatch):
+    import sys
+
+    plain = api.build("defenses", "nn", {"augment": ["none"]}).config()
+    nn_module = sys.modules[type(api.build("defenses", "nn", {})).__module__]
+    augmented = api.build("defenses", "nn", {"augment": ["all"]}).config()
+    monkeypatch.setattr(nn_module, "BANK_REVISION", nn_module.BANK_REVISION + 1)
+    # plain MAT draws no bank, so a new bank revision must not retrain or re-evaluate it
+    assert api.build("defenses", "nn", {"augment": ["none"]}).config() == plain
+    assert api.build("defenses", "nn", {"augment": ["all"]}).config() != augmented

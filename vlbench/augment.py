@@ -39,6 +39,9 @@ from .words import eda
 
 TEXT_POOLS = ("captions", "eda", "captioner")
 IMAGE_POOLS = ("crop", "flip", "randaugment", "painter")
+#: Raised whenever a pool or generator changes what it produces, so that cached banks, and
+#: the models trained on them, are rebuilt rather than silently reused.
+BANK_REVISION = 2
 EDA_OPERATIONS = ("sr", "ri", "rs", "rd")
 
 
@@ -165,7 +168,8 @@ def cached_bank(victim, data, config: AugmentConfig, progress: bool = True) -> t
     from safetensors.torch import load_file, save_file
 
     key = {"model": victim.fingerprint(), "dataset": data.name, "split": data.spec.split,
-           "options": data.spec.options, "n": len(data), "config": asdict(config)}
+           "options": data.spec.options, "n": len(data), "config": asdict(config),
+           "revision": BANK_REVISION}
     folder = cache_dir() / "augment" / stable_hash(key, 20)
     try:
         tensors = load_file(str(folder / "images.safetensors"))

@@ -2,7 +2,8 @@
 (text → image).
 
 On the synthetic world both are exact: the scene graph writes captions
-(:func:`vlbench.world.scenes.describe`) and the renderer draws an image for the attributes a
+(:func:`vlbench.world.scenes.generated_captions`: wordings the ground truth does not use, or
+descriptions naming three or four attributes) and the renderer draws an image for the attributes a
 caption names (:func:`~vlbench.world.scenes.scene_for` then ``render``). On real data they
 are a BLIP captioner through transformers and Stable Diffusion through diffusers, both from
 local weights only; a missing package or missing weights is a one-line error naming what to
@@ -37,13 +38,10 @@ class WorldCaptioner:
         self.scenes = scenes
 
     def caption(self, images, rows, n, rng):
-        from .world.scenes import describe
+        from .world.loaders import CAPTIONS_PER_IMAGE
+        from .world.scenes import generated_captions
 
-        captions = []
-        for row in rows:
-            options = describe(self.scenes[row], max(n, 5))
-            captions.append(rng.sample(options, min(n, len(options))))
-        return captions
+        return [generated_captions(self.scenes[row], n, rng, CAPTIONS_PER_IMAGE) for row in rows]
 
 
 class WorldPainter:

@@ -310,6 +310,23 @@ def _partial_caption(attrs: dict[str, str], rng: random.Random) -> str:
     return text + "."
 
 
+def generated_captions(scene: Scene, n: int, rng: random.Random, ground_truth: int = 5) -> list[str]:
+    """``n`` captions as an image captioner would write them: in a wording the first
+    ``ground_truth`` descriptions (a retrieval split's captions) do not use, or naming only
+    three or four of the five attributes, the way a captioner leaves out some details.
+    Every attribute a caption names is the scene's."""
+    attrs = scene.attributes()
+    fresh = _DESCRIPTIONS[ground_truth:]
+    captions = []
+    for _ in range(n):
+        if fresh and rng.random() < 0.5:
+            captions.append(rng.choice(fresh).format(**attrs))
+        else:
+            names = rng.sample(tuple(ATTRIBUTES), rng.randint(3, 4))
+            captions.append(_partial_caption({k: attrs[k] for k in names}, rng))
+    return captions
+
+
 #: Mix of pretraining captions: full descriptions, one attribute (a zero-shot prompt), or a subset.
 CAPTION_MIX = {"full": 0.4, "single": 0.3, "subset": 0.3}
 #: Which attribute a single-attribute caption names. Shape is the one a small CNN learns
