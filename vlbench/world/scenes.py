@@ -310,7 +310,7 @@ def _partial_caption(attrs: dict[str, str], rng: random.Random) -> str:
     return text + "."
 
 
-def generated_captions(scene: Scene, n: int, rng: random.Random, ground_truth: int = 5) -> list[str]:
+def generated_captions(scene: Scene, n: int, rng: random.Random, ground_truth: int) -> list[str]:
     """``n`` captions as an image captioner would write them: in a wording the first
     ``ground_truth`` descriptions (a retrieval split's captions) do not use, or naming only
     three or four of the five attributes, the way a captioner leaves out some details.
