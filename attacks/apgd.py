@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
+from vlbench.cost import Work
 from vlbench.perturb import (NormBallAttack, SampleNoise, cross_entropy, into_box, project, random_offset,
                              targeted_cross_entropy, targeted_dlr)
 
@@ -138,6 +139,14 @@ class _APGD(NormBallAttack):
         """``(loss_fn, description)`` pairs, one per APGD run (restart or target)."""
         raise NotImplementedError
 
+    def run_count(self, classes: int) -> int:
+        """How many APGD runs :meth:`runs` makes on a task with ``classes`` classes."""
+        return self.params.restarts
+
+    def work(self, task, images, texts, classes):
+        # at most: later runs attack only the samples still correct
+        return Work(image_grads=images * self.params.iterations * self.run_count(classes))
+
     def perturb_images(self, victim, images, objective, generator):
         if self.eps == 0:
             return images.clone()
@@ -185,6 +194,9 @@ class APGDTargeted(_APGD):
     def validate(self) -> None:
         super().validate()
         check_range(f"attack {self.name}", "n_target_classes", self.params.n_target_classes, 1, 10_000)
+
+    def run_count(self, classes: int) -> int:
+        return self.params.restarts * max(1, min(self.params.n_target_classes, classes - 1))
 
     def runs(self, objective, images):
         labels = objective.labels_for(None)

@@ -72,6 +72,10 @@ class AutoAttack(ImageAttack):
     def threat_model(self) -> dict:
         return self.components[0].threat_model()
 
+    def work(self, task, images, texts, classes):
+        parts = [c.work(task, images, texts, classes) for c in self.components]
+        return None if any(p is None for p in parts) else sum(parts[1:], parts[0])
+
     def perturb_images(self, victim, images, objective, generator):
         result = images.clone()
         with torch.no_grad():

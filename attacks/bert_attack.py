@@ -28,8 +28,9 @@ from itertools import islice, product
 import torch
 
 from vlbench.api import TextAttack, attacks, check_range
+from vlbench.cost import Work
 from vlbench.mlm import load_masked_lm
-from vlbench.words import greedy_substitution, split_words
+from vlbench.words import greedy_substitutions, objective_scores, split_words
 
 
 @attacks.register("bert-attack")
@@ -37,6 +38,7 @@ class BertAttack(TextAttack):
     """Masked-LM word substitution under a word budget."""
 
     paper = "Li et al., EMNLP 2020 (BERT-Attack); VL variant of Co-Attack (ACM MM 2022) and SGA (ICCV 2023)"
+    deterministic = True
     description = "masked-LM word substitutions of the most important words (1-word budget)"
 
     @dataclass
@@ -62,6 +64,19 @@ class BertAttack(TextAttack):
     def prepare(self) -> None:
         self.mlm  # noqa: B018  (loads, or fails with a one-line error naming what to download)
 
+    def pending(self):
+        from vlbench.mlm import WORLD_MLM, world_mlm_cached, world_mlm_work
+
+        if self.params.mlm == WORLD_MLM and not world_mlm_cached():
+            return [("world MLM training", world_mlm_work())]
+        return []
+
+    def work(self, task, images, texts, classes):
+        # per text: its masked variants (about 9 visitable words), then up to top_k
+        # candidates per round of the search, about two rounds per word of budget (measured
+        # on world captions, tokenising and search included)
+        return Work(text_forwards=texts * (12 + 2 * self.params.top_k) * max(1, self.params.budget))
+
     @property
     def mlm(self):
         if "_mlm" not in self.__dict__:
@@ -70,9 +85,28 @@ class BertAttack(TextAttack):
 
     def substitutes(self, words: list[str]) -> dict[int, list[str]]:
         """Candidate replacements for every word of the clean caption."""
+        return self.substitutes_many([words])[0]
+
+    def substitutes_many(self, captions: list[list[str]]) -> list[dict[int, list[str]]]:
+        """:meth:`substitutes` of several captions, the MLM run on the new ones in batches.
+
+        They depend only on the MLM, the words and the candidate parameters, so they are
+        kept on the (shared) MLM: the captions every defense and every attack built on
+        BERT-Attack see go through the MLM once per process.
+        """
         mlm, p = self.mlm, self.params
-        ids, spans = mlm.word_pieces(words, p.max_length)
-        values, indices = mlm.top_k(ids, p.top_k)
+        keys = [(p.top_k, p.threshold, p.max_length, p.piece_top, p.piece_combinations, p.max_pieces, tuple(words))
+                for words in captions]
+        missing = list(dict.fromkeys(key for key in keys if key not in mlm.memo))
+        if missing:
+            pieces = [mlm.word_pieces(list(key[-1]), p.max_length) for key in missing]
+            for key, (_, spans), (values, indices) in zip(missing, pieces,
+                                                          mlm.top_k_many([ids for ids, _ in pieces], p.top_k)):
+                mlm.memo[key] = self._options(spans, values, indices)
+        return [mlm.memo[key] for key in keys]
+
+    def _options(self, spans: list[tuple[int, int]], values: torch.Tensor, indices: torch.Tensor) -> dict[int, list[str]]:
+        mlm, p = self.mlm, self.params
         result = {}
         for position, (start, end) in enumerate(spans):
             if end - start == 1:
@@ -92,13 +126,9 @@ class BertAttack(TextAttack):
         return result
 
     def perturb_texts(self, victim, objective, generator):
-        adversarial = []
-        for row, text in enumerate(objective.texts):
-            if self.params.budget == 0:
-                adversarial.append(text)
-                continue
-            options = self.substitutes(split_words(text))
-            adversarial.append(greedy_substitution(
-                text, lambda texts, row=row: objective.score(texts, row),
-                lambda words, i: options.get(i, []), self.params.budget))
-        return adversarial
+        texts = list(objective.texts)
+        if self.params.budget == 0:
+            return texts
+        options = self.substitutes_many([split_words(text) for text in texts])
+        return greedy_substitutions(texts, objective_scores(objective),
+                                    lambda row, words, i: options[row].get(i, []), self.params.budget)

@@ -38,7 +38,7 @@ class CoAttack(TextThenImagePGDAttack):
         alpha: float = 3.0
 
     def attack_texts(self, problem, generator):
-        return self.text.perturb_texts(problem.victim, problem.embedding_shift_objective(), generator)
+        return problem.perturb_texts(self.text, problem.embedding_shift_objective(), generator)
 
     def image_loss(self, problem, rows, text_embeddings, generator):
         device = text_embeddings.device

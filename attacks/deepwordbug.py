@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import TextAttack, attacks, check_range
-from vlbench.words import greedy_substitution
+from vlbench.cost import Work
+from vlbench.words import greedy_substitutions, objective_scores
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -62,9 +63,12 @@ class DeepWordBug(TextAttack):
     def threat_model(self) -> dict:
         return {"modality": "text", "word_budget": self.params.budget, "level": "character"}
 
+    def work(self, task, images, texts, classes):
+        edits = 4 * self.params.edits_per_operation  # four operations
+        return Work(text_forwards=texts * (9 + edits) * max(1, self.params.budget))
+
     def perturb_texts(self, victim, objective, generator):
         per_op = self.params.edits_per_operation
-        return [greedy_substitution(text, lambda texts, row=row: objective.score(texts, row),
-                                    lambda words, i: character_edits(words[i], generator, per_op),
+        return greedy_substitutions(list(objective.texts), objective_scores(objective),
+                                    lambda row, words, i: character_edits(words[i], generator, per_op),
                                     self.params.budget)
-                for row, text in enumerate(objective.texts)]

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
+from vlbench.cost import Work
 from vlbench.perturb import NormBallAttack, SampleNoise, perturbation_norm, random_offset
 
 
@@ -187,6 +188,11 @@ class FABTargeted(NormBallAttack):
         check_range(owner, "eta", self.params.eta, 1, 10)
         check_range(owner, "beta", self.params.beta, 0, 1)
         check_range(owner, "n_target_classes", self.params.n_target_classes, 1, 10_000)
+
+    def work(self, task, images, texts, classes):
+        # per iteration the gradient of the true and the target logit: two backward passes
+        targets = max(1, min(self.params.n_target_classes, classes - 1))
+        return Work(image_grads=2 * images * self.params.iterations * self.params.restarts * targets)
 
     def _random_start(self, images, noise, stream):
         """The reference's restart point: a random direction at half the radius ε."""

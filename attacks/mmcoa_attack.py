@@ -8,6 +8,13 @@ BERT-Attack (1 word, untargeted KL shift of the prompt embedding), and the adver
 are then classified against the adversarial prompts. The two attacks are independent and
 composed. Both components are registered attacks named in the parameters, so the result
 records exactly which image and text attacks made the number.
+
+The image stage leaves the images the model already misclassifies against the clean prompts
+unattacked (the ``pgd`` cells' rule), so with the ``pgd`` cell's parameters it is the
+``pgd`` cell's attack on the same images, and the evaluator reuses that cell's adversarial
+images instead of computing them again. The reference attacks those images too; here they
+keep their clean pixels, and count as correct only if the adversarial prompts happen to
+classify them right.
 """
 
 from dataclasses import dataclass, field
@@ -40,6 +47,13 @@ class MMCoAAttack(MultimodalAttack):
         self.image.prepare()
         self.text.prepare()
 
+    def pending(self):
+        return self.image.pending() + self.text.pending()
+
+    def work(self, task, images, texts, classes):
+        image, text = self.image.work(task, images, 0, classes), self.text.work(task, 0, texts, classes)
+        return None if image is None or text is None else image + text
+
     def config(self) -> dict:
         return {**super().config(), "components": [self.image.config(), self.text.config()]}
 
@@ -47,8 +61,8 @@ class MMCoAAttack(MultimodalAttack):
         return {"modality": "multimodal", "image": self.image.threat_model(), "text": self.text.threat_model()}
 
     def attack_texts(self, problem, generator):
-        return self.text.perturb_texts(problem.victim, problem.embedding_shift_objective(), generator)
+        return problem.perturb_texts(self.text, problem.embedding_shift_objective(), generator)
 
     def attack_images(self, problem, rows, images, text_embeddings, generator):
         objective = problem.image_objective(rows, problem.clean_text_embeddings)
-        return self.image.perturb_images(problem.victim, images, objective, generator)
+        return problem.perturb_images(self.image, images, objective, generator)

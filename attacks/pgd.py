@@ -9,7 +9,10 @@ ICLR 2023, ``attacks.py:attack_pgd``; research/attacks_nn.md B.1): the perturbat
 steps, is projected onto the ball and the image box after every step, and the last iterate
 is returned. Restarts attack only the samples still correct. The loss is the task's
 objective: cross-entropy over ``logit_scale·cos`` to the class prompts for classification,
-the image→text contrastive loss against the gallery captions for retrieval.
+the image→text contrastive loss against the gallery captions for retrieval. On
+classification, samples the model already misclassifies are left unattacked and count as
+errors, as AutoAttack counts them (each cell's adjustments say so); retrieval attacks every
+image, whose other metrics (text→image, R@5, R@10) do not follow from its top-1.
 """
 
 from vlbench.api import attacks

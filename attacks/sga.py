@@ -47,6 +47,11 @@ class SGA(TextThenImagePGDAttack):
         scales: list = field(default_factory=lambda: [0.5, 0.75, 1.25, 1.5])
         noise_std: float = 0.05
 
+    text_stages = 2
+
+    def image_copies(self) -> int:
+        return 1 + len(self.params.scales)
+
     def validate(self) -> None:
         super().validate()
         for scale in self.params.scales:
@@ -54,7 +59,7 @@ class SGA(TextThenImagePGDAttack):
 
     def attack_texts(self, problem, generator):
         guided = problem.image_guided_objective(problem.clean_image_embeddings)
-        return self.text.perturb_texts(problem.victim, guided, generator)
+        return problem.perturb_texts(self.text, guided, generator)
 
     def image_loss(self, problem, rows, text_embeddings, generator):
         own = problem.captions_of(rows).float().to(text_embeddings.device)
@@ -71,4 +76,4 @@ class SGA(TextThenImagePGDAttack):
 
     def final_texts(self, problem, texts, image_embeddings, generator):
         guided = problem.image_guided_objective(image_embeddings)
-        return self.text.perturb_texts(problem.victim, guided, generator)
+        return problem.perturb_texts(self.text, guided, generator)

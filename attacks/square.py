@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import ImageAttack, attacks, check_range
+from vlbench.cost import Work
 from vlbench.errors import UserError
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
@@ -57,6 +58,11 @@ class Square(ImageAttack):
         norm: str = "Linf"
         queries: int = 5000
         p_init: float = 0.8
+
+    def work(self, task, images, texts, classes):
+        # one forward pass per query, about a third of a forward-backward; at most (samples
+        # leave as soon as they break)
+        return Work(image_grads=images * self.params.queries / 3)
 
     def validate(self) -> None:
         owner = f"attack {self.name}"

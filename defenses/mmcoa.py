@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 from vlbench.api import defenses
+from vlbench.cost import Work
 from vlbench.losses import class_prompt_loss, clip_loss
 from vlbench.tasks import EmbeddingShiftObjective
-from vlbench.train import AdversarialTrainingDefense, TrainingParams
+from vlbench.train import AdversarialTrainingDefense, TrainingParams, eval_mode
 
 CAPTION = "This is a photo of a {c}"
 
@@ -69,6 +70,14 @@ class MMCoA(AdversarialTrainingDefense):
         text_attack: str = "bert-attack"
         text_params: dict = field(default_factory=lambda: {"budget": 1})
 
+    def work(self):
+        # beyond the image adversary and the text attack: both towers train on clean and
+        # adversarial inputs
+        work = super().work()
+        p = self.params
+        return None if work is None else work + Work(image_steps=p.steps * p.batch_size,
+                                                     text_steps=2 * p.steps * p.batch_size)
+
     def fit(self, victim, run) -> dict:
         p = self.params
         self.prepare()
@@ -79,18 +88,18 @@ class MMCoA(AdversarialTrainingDefense):
             batch = batches.batch(step)
             images = batch.images
             scale = victim.logit_scale
+            captions = batch.captions or [CAPTION.format(c=batch.classnames[int(y)]) for y in batch.labels]
+            distinct = sorted(set(captions))
+            with eval_mode(victim.model), torch.no_grad():  # no dropout: eval mode only picks faster kernels
+                clean = victim.encode_texts(distinct)
             if batch.captions is None:
-                captions = [CAPTION.format(c=batch.classnames[int(y)]) for y in batch.labels]
                 targets, labels = batch.class_weights, batch.labels
             else:  # retrieval pairs: row i's caption is the i-th target
-                captions = batch.captions
-                with torch.no_grad():
-                    targets = victim.encode_texts(captions)
+                row_of = {caption: row for row, caption in enumerate(distinct)}
+                targets = clean[[row_of[c] for c in captions]]
                 labels = torch.arange(len(captions), device=images.device)
-            distinct = sorted(set(captions))
-            with torch.no_grad():
-                objective = EmbeddingShiftObjective(victim, distinct, victim.encode_texts(distinct))
-            attacked = dict(zip(distinct, self.text_attack.perturb_texts(victim, objective, attack_rng)))
+            objective = EmbeddingShiftObjective(victim, distinct, clean)
+            attacked = dict(zip(distinct, self.text_adversary(victim, objective, attack_rng)))
 
             adversarial_images = self.image_adversary(
                 victim, images, lambda x, rows: class_prompt_loss(victim.encode_image(x), targets, labels[rows],

@@ -32,11 +32,12 @@ import torch
 
 from vlbench.api import defenses
 from vlbench.augment import BANK_REVISION, IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
+from vlbench.cost import Work
 from vlbench.datasets import load_dataset
 from vlbench.errors import UserError
 from vlbench.losses import clip_loss
 from vlbench.tasks import ImageGuidedTextObjective
-from vlbench.train import AdversarialTrainingDefense, TrainingParams
+from vlbench.train import AdversarialTrainingDefense, TrainingParams, eval_mode
 
 
 def mat_loss(adversarial_images, adversarial_texts, logit_scale):
@@ -95,6 +96,12 @@ class NN(AdversarialTrainingDefense):
             config["bank_revision"] = BANK_REVISION
         return config
 
+    def work(self):
+        # beyond the image adversary and the text attack: the text tower trains too
+        work = super().work()
+        p = self.params
+        return None if work is None else work + Work(text_steps=p.steps * p.batch_size)
+
     def fit(self, victim, run) -> dict:
         p = self.params
         if len(p.train_datasets) != 1:
@@ -130,9 +137,9 @@ class NN(AdversarialTrainingDefense):
             texts = [text for _, text in pairs]
             with torch.no_grad():
                 guide = ImageGuidedTextObjective(victim, texts, victim.encode_image(images))
-            adversarial_texts = self.text_attack.perturb_texts(victim, guide, attack_rng)
-            with torch.no_grad():
-                targets = victim.encode_texts(adversarial_texts)
+            adversarial_texts = self.text_adversary(victim, guide, attack_rng)
+            with eval_mode(victim.model), torch.no_grad():  # the attack scored most of them already
+                targets = guide.embed(adversarial_texts)
 
             def loss(x, rows):  # image→text contrastive loss: row i's caption is the i-th target
                 logits = scale.detach() * victim.encode_image(x) @ targets.T

@@ -283,3 +283,19 @@ def test_flags_non_deterministic_attacks(tiny_victim, tmp_path):
         assert not any("non-deterministic" in note for note in seeded.take_notes())
     finally:
         api.attacks.unregister("unseeded-test")
+
+
+def test_pgd_leaves_misclassified_samples_alone_when_they_count_as_errors(setup):
+    victim, images, objective = setup
+    labels = objective.labels.clone()
+    labels[::3] = (labels[::3] + 1) % len(CLASSES)  # every third sample is now misclassified
+    noise = perturb.SampleNoise(0, torch.arange(len(images)))
+    everything = ClassificationObjective(victim, objective.weights, labels, noise)
+    only_correct = ClassificationObjective(victim, objective.weights, labels, noise, attack_only_correct=True)
+    pgd = build("pgd", eps=8)
+    all_attacked = pgd.perturb_images(victim, images, everything, torch.Generator().manual_seed(0))
+    skipping = pgd.perturb_images(victim, images, only_correct, torch.Generator().manual_seed(0))
+    wrong = ~only_correct.correct(images)
+    assert wrong.any() and torch.equal(skipping[wrong], images[wrong])
+    assert torch.allclose(skipping[~wrong], all_attacked[~wrong], atol=1e-6)
+    assert any("only the samples classified correctly" in m for m in pgd.take_adjustments())

@@ -67,3 +67,28 @@ def test_pretrained_tag_offline_says_where_to_put_weights():
 def test_unknown_pretrained_tag():
     with pytest.raises(UserError, match="unknown pretrained tag 'nonsense'"):
         load_victim("RN50", "nonsense")
+
+
+def test_text_features_skip_the_padding_but_not_the_result(tiny_victim, world_victim):
+    texts = ["a red circle.", "a large blue star in the bottom right on a dotted background.", "x"]
+    for victim in (tiny_victim, world_victim):
+        tokens = victim.tokenize(texts)
+        assert victim._trim and int((tokens != 0).sum(1).max()) < tokens.shape[1]
+        with torch.no_grad():
+            trimmed = victim.encode_text(tokens)
+            full = torch.nn.functional.normalize(victim.model.encode_text(tokens), dim=-1)
+        assert torch.allclose(trimmed, full, atol=1e-5)
+        # one text alone gets the features it gets in a batch of longer ones
+        assert torch.allclose(victim.encode_text(victim.tokenize(texts[:1])), trimmed[:1], atol=1e-5)
+
+
+def test_tokens_are_cached_per_string_and_shared_by_copies(tiny_victim):
+    import copy
+
+    texts = ["a red circle.", "a blue square.", "a red circle."]
+    tokens = tiny_victim.tokenize(texts)
+    assert torch.equal(tokens, tiny_victim.tokenizer(texts))
+    assert torch.equal(tokens[0], tokens[2])
+    twin = copy.deepcopy(tiny_victim)
+    assert twin._token_rows is tiny_victim._token_rows
+    assert tiny_victim.tokenize([]).shape[0] == 0

@@ -169,3 +169,41 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
                         "--datasets", "world-colour", "--attacks", "none", "--defenses", "none")
     assert code == 2 and "unreadable checkpoint" in err and "\n" not in err
     assert not list((tmp_path / "out").rglob("*.json"))
+
+
+def test_a_run_reports_its_plan_first_and_its_time_by_phase_last(tmp_path, world_checkpoint_path):
+    cfg = config(tmp_path / "out", world_checkpoint_path, datasets=["world-colour"])
+    lines = []
+    run_matrix(cfg, progress=False, cache=EmbeddingCache(tmp_path / "cache"), report=lines.append)
+    assert lines[0].startswith("plan: 2 cells") and "2 to run, 0 already done" in lines[0]
+    estimate = next(line for line in lines if "estimate:" in line)
+    assert "warm-up" in estimate and "unknown" not in estimate
+    assert lines[-1].startswith("time by phase:") and "evaluate pgd" in lines[-1] and "total" in lines[-1]
+    again = []
+    run_matrix(cfg, progress=False, cache=EmbeddingCache(tmp_path / "cache"), report=again.append)
+    assert again == [f"plan: all 2 cells of {cfg.out} are done"]
+
+
+def test_rates_are_measured_on_a_copy(world_victim):
+    from vlbench.cost import Rates, Work
+
+    fingerprint = world_victim.fingerprint()
+    world_victim.weights_changed()
+    rates = Rates.measure(world_victim, image_batch=8, text_batch=16)
+    world_victim.weights_changed()
+    assert world_victim.fingerprint() == fingerprint and not world_victim.model.training
+    assert min(rates.image_grads, rates.image_steps, rates.text_forwards, rates.text_steps) > 0
+    work = Work(image_grads=100) + 2 * Work(text_forwards=10)
+    assert rates.seconds(work) == pytest.approx(100 * rates.image_grads + 20 * rates.text_forwards)
+
+
+def test_every_builtin_plugin_states_its_work():
+    from vlbench import plugins
+
+    plugins.load_all()
+    for name in api.attacks.names():
+        attack = api.build("attacks", name)
+        for task in attack.tasks:
+            assert attack.work(task, 10, 50, 5 if task == "classification" else 0) is not None, name
+    for name in api.defenses.names():
+        assert api.build("defenses", name).work() is not None, name

@@ -72,3 +72,74 @@ def test_pgd_overhead_against_bare_loop(benchmark, tiny_victim):
     ratio = benchmark.stats.stats.min / bare
     benchmark.extra_info["vlbench_over_bare"] = round(ratio, 2)
     assert ratio < 2.0, f"vlbench PGD is {ratio:.2f}x a bare torch loop"
+
+
+def bare_clip_step(model, optimizer, pixels, tokens, targets, mean, std):
+    """One plain open_clip training step on a prepared batch: normalise, encode both towers,
+    the soft symmetric CLIP loss, backward, AdamW. What a user would write by hand."""
+    import torch.nn.functional as F
+
+    image = F.normalize(model.encode_image((pixels - mean) / std), dim=-1)
+    text = F.normalize(model.encode_text(tokens), dim=-1)
+    logits = model.logit_scale.exp() * image @ text.T
+    loss = (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
+            + F.cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdim=True))) / 2
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@pytest.mark.benchmark(group="pretraining")
+def test_world_pretraining_step_against_a_bare_open_clip_step(benchmark):
+    """A world pretraining step (batch sampling, captions, targets and the step itself)
+    against a bare open_clip forward/backward/AdamW step on a batch prepared beforehand."""
+    import open_clip
+
+    from vlbench.world.pretrain import PretrainConfig, Pretraining, world_model_config
+
+    config = PretrainConfig(n_train=2000, steps=10_000, warmup=1, text_frozen_steps=0)
+    run = Pretraining(config)
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**world_model_config()).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    indices, captions, targets = run.batch()
+    pixels, tokens = run.images[indices], run.victim.tokenizer(captions)
+    bare = best_of(lambda: bare_clip_step(model, optimizer, pixels, tokens, targets, run.victim.mean,
+                                          run.victim.std), rounds=5)
+    steps = iter(range(10, 10_000))
+    benchmark.pedantic(lambda: run.step(next(steps)), rounds=5, iterations=1, warmup_rounds=2)
+    ratio = benchmark.stats.stats.min / bare
+    benchmark.extra_info["vlbench_over_bare"] = round(ratio, 3)
+    assert ratio <= 1.2, f"a world pretraining step takes {ratio:.2f}x a bare open_clip step"
+
+
+@pytest.mark.benchmark(group="matrix")
+def test_matrix_cell_overhead_against_evaluating_directly(benchmark, tmp_path, world_checkpoint_path):
+    """One pgd cell through ``run_matrix`` (plan, model load, result file) against calling
+    the evaluator on the same data with the same attack."""
+    from vlbench.datasets import load_dataset, subset_indices
+    from vlbench.model import WORLD_MODEL, load_victim
+    from vlbench.runner import MatrixConfig, PluginSpec, run_matrix
+    from vlbench.tasks import evaluate
+
+    params = {"eps": 4, "steps": 10, "step_size": 1}
+    victim = load_victim(WORLD_MODEL, str(world_checkpoint_path))
+    victim.requires_grad_(False)
+    data = load_dataset("world-colour")
+    indices = subset_indices(len(data), 200, 0)
+    cache = EmbeddingCache(tmp_path / "cache")
+    direct = best_of(lambda: evaluate(EvalContext(victim, cache, 200, False), data, indices,
+                                      api.build("attacks", "pgd", params), torch.Generator().manual_seed(0)))
+    runs = iter(range(1000))
+
+    def one_cell():
+        cfg = MatrixConfig(pretrained=str(world_checkpoint_path), out=str(tmp_path / f"out{next(runs)}"), limit=200,
+                           batch_size=200, defenses=[PluginSpec("none", "none")],
+                           attacks=[PluginSpec("pgd", "pgd", params)], datasets=["world-colour"])
+        run_matrix(cfg, progress=False, cache=cache)
+
+    benchmark.pedantic(one_cell, rounds=3, iterations=1, warmup_rounds=1)
+    ratio = benchmark.stats.stats.min / direct
+    benchmark.extra_info["matrix_over_direct"] = round(ratio, 3)
+    assert ratio < 2.0, f"one cell through the matrix takes {ratio:.2f}x evaluating it directly"

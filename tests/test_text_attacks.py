@@ -6,7 +6,7 @@ import torch
 
 from vlbench import api
 from vlbench.tasks import EmbeddingShiftObjective, ImageGuidedTextObjective
-from vlbench.words import changed_words, greedy_substitution, split_words
+from vlbench.words import changed_words, greedy_substitution, greedy_substitutions, split_words
 
 TEXT_ATTACKS = ["deepwordbug"]
 PROMPTS = ["a photo of a red circle.", "a small blue square on a striped background.",
@@ -80,3 +80,46 @@ def test_image_guided_objective_is_negative_cosine(tiny_victim):
     objective = ImageGuidedTextObjective(tiny_victim, PROMPTS[:2], images)
     expected = -(tiny_victim.encode_texts(PROMPTS[:1]) @ images[0])
     assert torch.allclose(objective.score(PROMPTS[:1], 0), expected)
+
+
+def test_batched_search_makes_the_same_choices_as_one_text_at_a_time():
+    import random
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(["cat", "dog", "the", "red", "blue", "a", "big", "of"]) for _ in range(rng.randint(1, 7)))
+             for _ in range(30)]
+    weights = {w: rng.random() for w in ["cat", "dog", "red", "blue", "big", "cap", "zig", "hot", "cold", "[UNK]"]}
+
+    def value(text, row):  # a score that depends on the text and on its row
+        return sum(weights.get(w, 0.0) * (1 + (row + i) % 3) for i, w in enumerate(split_words(text)))
+
+    def proposals(words, i):
+        return ["cap", "zig", "hot", "cold"][: 1 + len(words[i]) % 4]
+
+    for budget in (1, 2, 3):
+        one_by_one = [greedy_substitution(t, lambda ts, row=row: torch.tensor([value(x, row) for x in ts]),
+                                          proposals, budget) for row, t in enumerate(texts)]
+        calls = []
+
+        def score(ts, rows):
+            calls.append(len(ts))
+            return torch.tensor([value(x, r) for x, r in zip(ts, rows)])
+
+        batched = greedy_substitutions(texts, score, lambda row, words, i: proposals(words, i), budget)
+        assert batched == one_by_one
+        assert len(calls) <= 1 + max(len(split_words(t)) for t in texts)  # one call per round
+
+
+def test_objective_scores_fall_back_to_one_row_at_a_time(tiny_victim):
+    from vlbench.words import objective_scores
+
+    class RowOnly:
+        def __init__(self, inner):
+            self.inner, self.texts = inner, inner.texts
+
+        def score(self, candidates, row):
+            return self.inner.score(candidates, row)
+
+    objective = EmbeddingShiftObjective(tiny_victim, PROMPTS, tiny_victim.encode_texts(PROMPTS))
+    candidates, rows = ["a red square.", "a blue circle.", "a green star."], [2, 0, 2]
+    assert torch.allclose(objective_scores(RowOnly(objective))(candidates, rows), objective.score_many(candidates, rows))

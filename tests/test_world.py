@@ -164,9 +164,10 @@ def test_model_config_registers_and_creates():
     register_world_model_config()
     register_world_model_config()
     assert WORLD_MODEL in open_clip.list_models()
-    model = open_clip.create_model(WORLD_MODEL)
+    model = open_clip.create_model(WORLD_MODEL).eval()
     tokens = open_clip.get_tokenizer(WORLD_MODEL)(["a red circle."])
-    assert model.encode_text(tokens).shape[-1] == model.encode_image(torch.rand(1, 3, 64, 64)).shape[-1]
+    size = model.visual.image_size
+    assert model.encode_text(tokens).shape[-1] == model.encode_image(torch.rand(1, 3, size, size)).shape[-1]
 
 
 def test_pretraining_is_deterministic():

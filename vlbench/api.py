@@ -67,6 +67,11 @@ class Plugin:
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "params": dataclasses.asdict(self.params)}
 
+    def pending(self) -> list[tuple[str, Any]]:
+        """What :meth:`prepare` will build that is not cached yet, as ``(name, work)`` pairs
+        (``work`` a :class:`vlbench.cost.Work`), for the plan a run prints first."""
+        return []
+
 
 def coerce_params(params_cls: type, options: dict[str, Any], owner: str) -> Any:
     """Build ``params_cls`` from a mapping, with one-line errors for bad keys and types."""
@@ -136,6 +141,11 @@ class Attack(Plugin):
     modality: ClassVar[str] = "image"
     #: the tasks the attack is defined for; the planner skips the others with a reason
     tasks: ClassVar[tuple[str, ...]] = ("classification", "retrieval")
+    #: True when the output depends only on the victim, the inputs and the objective (its
+    #: per-sample noise included), never on the generator: the evaluator then runs it once
+    #: per (inputs, objective) and shares the result with every cell and multimodal stage of
+    #: the same victim that poses the same problem
+    deterministic: ClassVar[bool] = False
 
     def threat_model(self) -> dict[str, Any]:
         return {"modality": self.modality}
@@ -160,6 +170,12 @@ class Attack(Plugin):
 
     def take_adjustments(self) -> list[str]:
         return self.__dict__.pop("adjustments", [])
+
+    def work(self, task: str, images: int, texts: int, classes: int) -> Any:
+        """The operations one cell runs (a :class:`vlbench.cost.Work`) on ``images`` images
+        whose task has ``texts`` texts (class prompts or captions) and ``classes`` classes
+        (0 for retrieval), for the run's time estimate; None if unknown."""
+        return None
 
     def skip_reason(self, task: str) -> str | None:
         if task not in self.tasks:
@@ -229,6 +245,11 @@ class NoAttack(Attack):
 
     modality = "none"
 
+    def work(self, task: str, images: int, texts: int, classes: int) -> Any:
+        from .cost import Work
+
+        return Work()
+
 
 # -- defenses -----------------------------------------------------------------------------
 class Defense(Plugin):
@@ -245,6 +266,11 @@ class Defense(Plugin):
     def training_data(self) -> dict[str, Any]:
         """A description of the training data, part of the checkpoint's cache key."""
         return {}
+
+    def work(self) -> Any:
+        """The operations ``fit`` runs (a :class:`vlbench.cost.Work`), for the run's time
+        estimate; None if unknown."""
+        return None
 
     def fit(self, victim, run) -> dict[str, Any]:
         """Train ``victim`` in place; return a summary (losses, timings) for the record.

@@ -35,6 +35,7 @@ import torch
 
 from .io import atomic_write_json, stable_hash
 from .paths import cache_dir
+from .timing import phase
 from .words import eda
 
 TEXT_POOLS = ("captions", "eda", "captioner")
@@ -102,11 +103,15 @@ def _text_candidates(pool: str, row: int, images: torch.Tensor, captions: list[s
 
 
 @torch.no_grad()
-def build_bank(victim, data, config: AugmentConfig, progress: bool = True) -> Bank:
-    """Draw candidates from every pool, filter them by the frozen ``victim``'s alignment."""
-    from tqdm.auto import tqdm
+def build_bank(victim, data, config: AugmentConfig, progress: bool = True, chunk: int = 256) -> Bank:
+    """Draw candidates from every pool, filter them by the frozen ``victim``'s alignment.
 
+    Rows are taken ``chunk`` at a time: every candidate of the chunk is drawn first (in row
+    order, so the random draws do not depend on the chunk size), then all of them are
+    embedded in a few large batches and filtered row by row.
+    """
     from .generators import generators_for
+    from .progress import progress as progress_bar
 
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)  # torchvision's random transforms draw from the global generator
@@ -115,38 +120,52 @@ def build_bank(victim, data, config: AugmentConfig, progress: bool = True) -> Ba
     stats = {pool: {"generated": 0, "kept": 0, "alignment": 0.0, "diversity": 0.0}
              for pool in config.text_pools + config.image_pools}
     kept_texts, kept_images, owners = [], [], []
-    for row in tqdm(range(len(data)), desc="augment", disable=not progress, leave=False):
-        image = data.images[row][0]
-        captions = list(data.captions[row])
-        image_embedding = victim.encode_image(image[None].to(victim.device))[0]
-        caption_embeddings = victim.encode_texts(captions)
-        reference = (caption_embeddings @ image_embedding).max()
-        threshold = reference - config.margin
-
-        texts_here = []
-        for pool in config.text_pools:
-            candidates = _text_candidates(pool, row, image[None], captions, captioner, config.per_pool, rng)
-            if not candidates:
-                continue
-            embedded = victim.encode_texts([c for c, _ in candidates] + [s for _, s in candidates])
-            augmented, sources = embedded[:len(candidates)], embedded[len(candidates):]
-            alignment = augmented @ image_embedding
-            keep = alignment >= threshold
-            _tally(stats[pool], keep, alignment, 1 - (augmented * sources).sum(dim=1))
-            texts_here += [c for (c, _), k in zip(candidates, keep.tolist()) if k]
-        kept_texts.append(texts_here)
-
-        for pool in config.image_pools:
-            candidates = _image_candidates(pool, image, captions, painter, config.per_pool, rng)
-            if not candidates:
-                continue
-            stacked = torch.stack(candidates).clamp(0, 1)
-            embedded = victim.encode_image(stacked.to(victim.device))
-            alignment = (embedded @ caption_embeddings.T).amax(dim=1)
-            keep = alignment >= threshold
-            _tally(stats[pool], keep, alignment, 1 - embedded @ image_embedding)
-            kept_images.append((stacked[keep.cpu()] * 255).round().to(torch.uint8))
-            owners += [row] * int(keep.sum())
+    bar = progress_bar(total=len(data), desc="augment", enabled=progress, leave=False)
+    for first in range(0, len(data), chunk):
+        rows = list(range(first, min(first + chunk, len(data))))
+        drawn = []  # per row: image, captions, {pool: text candidates}, {pool: image candidates}
+        for row in rows:
+            image = data.images[row][0]
+            captions = list(data.captions[row])
+            texts = {pool: _text_candidates(pool, row, image[None], captions, captioner, config.per_pool, rng)
+                     for pool in config.text_pools}
+            images = {pool: _image_candidates(pool, image, captions, painter, config.per_pool, rng)
+                      for pool in config.image_pools}
+            drawn.append((image, captions, texts, images))
+        strings = list(dict.fromkeys(t for _, captions, texts, _ in drawn
+                                     for t in captions + [x for pairs in texts.values() for pair in pairs for x in pair]))
+        text_embedding = dict(zip(strings, victim.encode_texts(strings)))
+        pixels = [image for image, _, _, _ in drawn] + [c.clamp(0, 1) for _, _, _, images in drawn
+                                                         for candidates in images.values() for c in candidates]
+        embedded_pixels = torch.cat([victim.encode_image(torch.stack(pixels[i:i + 512]).to(victim.device))
+                                     for i in range(0, len(pixels), 512)])
+        image_embeddings, candidate_embeddings = embedded_pixels[:len(rows)], iter(embedded_pixels[len(rows):])
+        for row, (image, captions, texts, images), image_embedding in zip(rows, drawn, image_embeddings):
+            caption_embeddings = torch.stack([text_embedding[c] for c in captions])
+            threshold = (caption_embeddings @ image_embedding).max() - config.margin
+            texts_here = []
+            for pool, candidates in texts.items():
+                if not candidates:
+                    continue
+                augmented = torch.stack([text_embedding[c] for c, _ in candidates])
+                sources = torch.stack([text_embedding[s] for _, s in candidates])
+                alignment = augmented @ image_embedding
+                keep = alignment >= threshold
+                _tally(stats[pool], keep, alignment, 1 - (augmented * sources).sum(dim=1))
+                texts_here += [c for (c, _), k in zip(candidates, keep.tolist()) if k]
+            kept_texts.append(texts_here)
+            for pool, candidates in images.items():
+                if not candidates:
+                    continue
+                stacked = torch.stack(candidates).clamp(0, 1)
+                embedded = torch.stack([next(candidate_embeddings) for _ in candidates])
+                alignment = (embedded @ caption_embeddings.T).amax(dim=1)
+                keep = alignment >= threshold
+                _tally(stats[pool], keep, alignment, 1 - embedded @ image_embedding)
+                kept_images.append((stacked[keep.cpu()] * 255).round().to(torch.uint8))
+                owners += [row] * int(keep.sum())
+        bar.update(len(rows))
+    bar.close()
     for pool, tally in stats.items():
         kept = max(tally["kept"], 1)
         stats[pool] = {"generated": tally["generated"], "kept_fraction": tally["kept"] / max(tally["generated"], 1),
@@ -167,7 +186,7 @@ def cached_bank(victim, data, config: AugmentConfig, progress: bool = True) -> t
     """The bank for (base model, dataset, split, config), built once and cached."""
     from safetensors.torch import load_file, save_file
 
-    key = {"model": victim.fingerprint(), "dataset": data.name, "split": data.spec.split,
+    key = {"model": victim.fingerprint(), "precision": victim.precision, "dataset": data.name, "split": data.spec.split,
            "options": data.spec.options, "n": len(data), "config": asdict(config),
            "revision": BANK_REVISION}
     folder = cache_dir() / "augment" / stable_hash(key, 20)
@@ -177,7 +196,8 @@ def cached_bank(victim, data, config: AugmentConfig, progress: bool = True) -> t
         return Bank(meta["texts"], tensors["images"], tensors["owner"], meta["stats"]), folder
     except Exception:  # missing or damaged: build it (again)
         pass
-    bank = build_bank(victim, data, config, progress)
+    with phase("N:N augmentation bank"):
+        bank = build_bank(victim, data, config, progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bank-", dir=folder.parent))
     save_file({"images": bank.images.contiguous(), "owner": bank.image_owner}, str(staging / "images.safetensors"))

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from .errors import UserError
+from .precision import PRECISIONS
 
 EPILOG = """examples:
   vlbench run matrix                                   # the synthetic world, default matrix
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--out", type=Path, help="results folder (default from the config)")
     matrix.add_argument("--seed", type=int)
     matrix.add_argument("--device", help="cpu or cuda")
+    matrix.add_argument("--precision", choices=PRECISIONS,
+                        help="forward-pass precision (default fp32; bf16/fp16 only where native)")
     matrix.add_argument("--batch-size", type=int)
     matrix.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32")
     matrix.add_argument("--pretrained", help="open_clip pretrained tag or a checkpoint path")
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     world_commands = world.add_subparsers(dest="world_command", required=True)
     pretrain = world_commands.add_parser("pretrain", help="pretrain (or reuse) the world's tiny CLIP")
     pretrain.add_argument("--force", action="store_true", help="pretrain again even if cached")
+    pretrain.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                          help="forward-pass precision (default fp32; bf16/fp16 only where native)")
     mlm = world_commands.add_parser("mlm", help="train (or reuse) the world's masked LM for bert-attack")
     mlm.add_argument("--force", action="store_true", help="train again even if cached")
     return parser
@@ -111,7 +116,7 @@ def matrix_config(args: argparse.Namespace):
         cfg.defenses = select(cfg.defenses, args.defenses)
     if args.attacks:
         cfg.attacks = select(cfg.attacks, args.attacks)
-    for key in ("datasets", "limit", "seed", "device", "batch_size", "model", "pretrained"):
+    for key in ("datasets", "limit", "seed", "device", "batch_size", "model", "pretrained", "precision"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -144,10 +149,11 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
         datasets.root_overrides[name] = Path(path)
     plugins.load_files(args.plugin)
     cfg = matrix_config(args)
-    plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache))
-    for d, a, name, reason in plan.skipped:
-        print(f"skipped {d} × {a} × {name}: {reason}", file=sys.stderr)
-    print(f"{len(plan.cells)} cells in {cfg.out}/cells", file=sys.stderr)
+    plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache),
+                      report=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"{len(plan.cells)} cells in {cfg.out}/cells"
+          + (f"; {len(plan.skipped)} skipped, where the attack is not defined for the task (-v lists them)"
+             if plan.skipped else ""), file=sys.stderr)
     write_leaderboard(cfg.out, print_markdown=True)
     return 0
 
@@ -227,9 +233,10 @@ def cmd_world(args: argparse.Namespace) -> int:
 
         print(world_mlm(force=args.force))
         return 0
-    from .world.pretrain import world_checkpoint
+    from .precision import check_precision
+    from .world.pretrain import PretrainConfig, world_checkpoint
 
-    path = world_checkpoint(force=args.force)
+    path = world_checkpoint(PretrainConfig(precision=check_precision(args.precision)), force=args.force)
     print(path)
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():

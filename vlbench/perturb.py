@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .api import ImageAttack, MultimodalAttack, check_range
 from .components import build_component
+from .cost import Work
 from .errors import UserError
 
 NORMS = ("Linf", "L2")
@@ -264,6 +265,8 @@ class ProjectedGradientAttack(NormBallAttack):
     norms in [0,1] pixel space.
     """
 
+    deterministic = True  # starts come from the objective's per-sample noise
+
     @dataclass
     class Params:
         eps: float = 4.0         # L∞: in 1/255; L2: the L2 radius in [0,1] pixel units
@@ -290,12 +293,30 @@ class ProjectedGradientAttack(NormBallAttack):
     def loss(self, objective, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def work(self, task, images, texts, classes):
+        return Work(image_grads=images * self.params.steps * self.params.restarts)
+
     def perturb_images(self, victim, images: torch.Tensor, objective, generator: torch.Generator) -> torch.Tensor:
         eps, step_size = self.radius()
-        return projected_gradient_ascent(
-            images, lambda x, rows: self.loss(objective, x, rows), objective.correct,
+        result = images.clone()
+        if getattr(objective, "attack_only_correct", False):
+            # A sample the model already gets wrong counts as an error whatever the attack
+            # does, so only the others are attacked (AutoAttack's rule; per-sample random
+            # starts make the attacked samples' results the same as attacking them all).
+            with torch.no_grad():
+                rows = objective.correct(images).nonzero().squeeze(1)
+            self.adjust(f"{self.name}: only the samples classified correctly when clean are attacked; "
+                        "the others count as errors")
+            if len(rows) == 0:
+                return result
+            objective, images = objective.subset(rows), images[rows]
+        else:
+            rows = slice(None)
+        result[rows] = projected_gradient_ascent(
+            images, lambda x, r: self.loss(objective, x, r), objective.correct,
             self.params.norm, eps, step_size, self.params.steps, self.params.restarts,
             self.params.random_start, SampleNoise.of(objective, generator, len(images)), report=self.note)
+        return result
 
 
 class TextThenImagePGDAttack(MultimodalAttack):
@@ -323,6 +344,22 @@ class TextThenImagePGDAttack(MultimodalAttack):
 
     def prepare(self) -> None:
         self.text.prepare()
+
+    def pending(self):
+        return self.text.pending()
+
+    #: times the text attack runs (SGA: before and after the image stage), for :meth:`work`
+    text_stages = 1
+
+    def image_copies(self) -> int:
+        """Image encodings per PGD step (SGA: the image and its scale copies)."""
+        return 1
+
+    def work(self, task, images, texts, classes):
+        text = self.text.work(task, 0, texts, classes)
+        if text is None:
+            return None
+        return text * self.text_stages + Work(image_grads=images * self.params.steps * self.image_copies())
 
     def config(self) -> dict:
         return {**super().config(), "components": [self.text.config()]}

@@ -2,11 +2,13 @@
 file per cell.
 
 A cell's identity is a hash of its resolved configuration (model, defense and attack with
-all parameters, dataset, split, subset size, seed, batch size); its result is written
-atomically to ``<out>/cells/<defense>__<attack>__<dataset>__<hash>.json`` the moment it
-finishes and never rewritten, so a rerun skips finished cells and a killed run loses none.
+all parameters, dataset, split, subset size, seed, batch size, precision); its result is
+written atomically to ``<out>/cells/<defense>__<attack>__<dataset>__<hash>.json`` the moment
+it finishes and never rewritten, so a rerun skips finished cells and a killed run loses none.
 All names, parameters and datasets are checked before the first cell runs: bad input fails
-with one line and writes nothing.
+with one line and writes nothing. Before any work a run reports its plan (cells to run and
+done, models to build, train or reuse, a time estimate from a warm-up of a second on this
+machine, :mod:`vlbench.cost`), and at its end the time by phase (:mod:`vlbench.timing`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -23,18 +26,20 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from . import __version__, api, plugins
+from . import __version__, api, plugins, timing
 from .cache import EmbeddingCache
+from .cost import Rates, Work
 from .datasets import EvalData, get_spec, load_dataset, subset_hash, subset_indices
 from .errors import UserError
 from .io import atomic_save_tensors, atomic_write_json, stable_hash
 from .model import WORLD_MODEL, Victim, load_victim
 from .paths import builtin_root, cache_dir
+from .precision import check_precision
+from .progress import progress as progress_bar
 from .tasks import EvalContext, evaluate
 from .train import TrainingRun
 
@@ -77,6 +82,8 @@ class MatrixConfig:
     batch_size: int = 256
     out: str = "runs/world"
     device: str = "cpu"
+    #: fp32 (default), bf16 or fp16: see vlbench.precision
+    precision: str = "fp32"
 
     @classmethod
     def from_dict(cls, raw: Any, source: str) -> "MatrixConfig":
@@ -149,6 +156,7 @@ def make_plan(cfg: MatrixConfig) -> Plan:
         raise UserError("the matrix is empty", "name at least one defense, attack and dataset")
     if cfg.limit is not None and cfg.limit <= 0:
         raise UserError(f"--limit must be positive, got {cfg.limit}", "pass a positive sample count")
+    check_precision(cfg.precision, cfg.device)
     plugins.load_all()
     defenses = [(s.label, api.build("defenses", s.name, s.options)) for s in cfg.defenses]
     attacks = [(s.label, api.build("attacks", s.name, s.options)) for s in cfg.attacks]
@@ -173,7 +181,7 @@ def make_plan(cfg: MatrixConfig) -> Plan:
                     "defense": defense.config(), "attack": {**attack.config(), "threat_model": attack.threat_model()},
                     "dataset": name, "split": spec.split, "dataset_options": spec.options,
                     "transform": spec.transform, "limit": cfg.limit, "seed": cfg.seed,
-                    "batch_size": cfg.batch_size,
+                    "batch_size": cfg.batch_size, "precision": cfg.precision,
                 }
                 digest = stable_hash(config, 10)
                 cell_id = f"{_safe(d_label)}__{_safe(a_label)}__{_safe(name)}__{digest}"
@@ -198,21 +206,32 @@ def code_revision() -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions, and the CPU kernel family PyTorch runs (results agree across families to
+    sampling noise, not bit for bit)."""
     import open_clip
 
-    return {"vlbench": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "python": platform.python_version()}
+    versions = {"vlbench": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        versions["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
+    return versions
 
 
-def obtain_model(base: Victim, defense: api.Defense, progress: bool) -> tuple[Victim, dict]:
+def checkpoint_path(base: Victim, defense: api.Defense) -> tuple[Path, dict]:
+    """Where ``defense`` trained from ``base`` is cached, and the key that names it."""
+    key = {"base": base.fingerprint(), "defense": defense.config(), "data": defense.training_data(),
+           "precision": base.precision}
+    return cache_dir() / "checkpoints" / f"{_safe(defense.name)}-{stable_hash(key, 20)}.safetensors", key
+
+
+def obtain_model(base: Victim, defense: api.Defense, progress: bool, label: str | None = None) -> tuple[Victim, dict]:
     """A copy of ``base`` with ``defense`` applied; trained weights are cached and reused."""
     from safetensors.torch import load_file
 
     victim = copy.deepcopy(base)
     if not defense.trains:
         return victim, {"trained": False}
-    key = {"base": victim.fingerprint(), "defense": defense.config(), "data": defense.training_data()}
-    path = cache_dir() / "checkpoints" / f"{_safe(defense.name)}-{stable_hash(key, 20)}.safetensors"
+    path, key = checkpoint_path(victim, defense)
     if path.is_file():
         try:
             victim.model.load_state_dict(load_file(str(path)))
@@ -222,7 +241,8 @@ def obtain_model(base: Victim, defense: api.Defense, progress: bool) -> tuple[Vi
             log.warning("checkpoint %s unreadable (%s); training again", path, exc)
     # Intermediate checkpoints live beside the final one, so a killed run resumes training.
     workdir = path.with_suffix(".partial")
-    summary = defense.fit(victim, TrainingRun(progress=progress, workdir=workdir))
+    with timing.phase(f"train {label or defense.name}"):
+        summary = defense.fit(victim, TrainingRun(progress=progress, workdir=workdir, label=label))
     victim.requires_grad_(False)
     victim.eval()
     victim.weights_changed()
@@ -230,6 +250,91 @@ def obtain_model(base: Victim, defense: api.Defense, progress: bool) -> tuple[Vi
                         metadata={"key": json.dumps(key, default=str), "summary": json.dumps(summary)})
     shutil.rmtree(workdir, ignore_errors=True)
     return victim, {"trained": True, "checkpoint": str(path), "reused": False, "fit": summary}
+
+
+# -- the plan, as the user sees it before any work starts ---------------------------------
+def _pending_pretraining(cfg: MatrixConfig):
+    """The world pretraining this run will do first, or None."""
+    from .world.pretrain import PretrainConfig, checkpoint_path as world_path
+
+    if cfg.model != WORLD_MODEL or cfg.pretrained not in (None, "", "world"):
+        return None
+    config = PretrainConfig(precision=cfg.precision)
+    return None if world_path(config).is_file() else config
+
+
+def _architecture_victim(cfg: MatrixConfig) -> Victim:
+    """A randomly initialised world CLIP, to time operations before its pretraining."""
+    from .world.pretrain import build_victim
+
+    torch.manual_seed(0)
+    return build_victim(precision=cfg.precision).to(cfg.device)
+
+
+def _cell_work(cell: Cell, data: EvalData, indices: list[int]) -> Work | None:
+    if cell.task == "classification":
+        classes = len(data.classnames)
+        texts = classes * len(data.templates)
+    else:
+        classes, texts = 0, sum(len(data.captions[i]) for i in indices)
+    return cell.attack.work(cell.task, len(indices), texts, classes)
+
+
+def describe_plan(cfg: MatrixConfig, plan: Plan, todo: list[Cell], datasets: dict[str, EvalData],
+                  rates: Rates, base: Victim | None) -> list[str]:
+    """A few lines: cells to run and done, what is built, trained or reused, and the time
+    estimate from ``rates``."""
+    from .progress import clock
+
+    done = len(plan.cells) - len(todo)
+    lines = [f"plan: {len(plan.cells)} cells in {cfg.out} ({len(todo)} to run, {done} already done"
+             + (f", {len(plan.skipped)} skipped: attack not defined for the task" if plan.skipped else "")
+             + f"); {cfg.model} on {cfg.device}, {cfg.precision}, {torch.get_num_threads()} threads"]
+    builds: dict[str, Work] = {}
+    pretraining = _pending_pretraining(cfg)
+    if pretraining is not None:
+        from .world.pretrain import pretrain_work
+
+        builds["world CLIP pretraining"] = pretrain_work(pretraining)
+    plugins_used = {id(p): p for c in todo for p in (c.attack, c.defense)}.values()
+    for plugin in plugins_used:
+        for name, work in plugin.pending():
+            builds[name] = work
+    estimate, unknown = sum(rates.seconds(w) for w in builds.values()), 0
+    if builds:
+        lines.append("  build: " + ", ".join(f"{n} ~{clock(rates.seconds(w))}" for n, w in builds.items()))
+    train, reuse = [], []
+    for label, defense in {c.defense_label: c.defense for c in todo}.items():
+        if not defense.trains:
+            continue
+        if base is not None and checkpoint_path(base, defense)[0].is_file():
+            reuse.append(label)
+            continue
+        work = defense.work()
+        if work is None:
+            unknown += 1
+            train.append(f"{label} ?")
+        else:
+            estimate += rates.seconds(work)
+            train.append(f"{label} ~{clock(rates.seconds(work))}")
+    if train or reuse:
+        lines.append("  train: " + (", ".join(train) or "none") + "; reuse: " + (", ".join(reuse) or "none"))
+    evaluation = 0.0
+    for cell in todo:
+        data = datasets[cell.dataset]
+        work = _cell_work(cell, data, subset_indices(len(data), cfg.limit, cfg.seed))
+        if work is None:
+            unknown += 1
+        else:
+            evaluation += rates.seconds(work)
+    estimate += evaluation
+    if todo:
+        lines.append(f"  evaluate: {len(todo)} cells ~{clock(evaluation)}")
+    note = f", leaving out {unknown} step(s) of unknown cost" if unknown else ""
+    lines.append(f"  estimate: ~{clock(estimate)}{note} (timed on this machine in a {rates.warmup_seconds:.1f} s "
+                 f"warm-up: image forward+backward {1000 * rates.image_grads:.2f} ms, text "
+                 f"{1000 * rates.text_forwards:.3f} ms per sample)")
+    return lines
 
 
 def cell_warnings(task: str, metrics: dict[str, float]) -> list[str]:
@@ -246,13 +351,29 @@ def _cell_seed(seed: int, cell: Cell) -> int:
     return int(stable_hash({"seed": seed, "dataset": cell.dataset, "attack": cell.config["attack"]}, 8), 16)
 
 
-def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache | None = None) -> Plan:
+def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache | None = None,
+               report: Callable[[str], None] | None = None) -> Plan:
+    """Run the cells of ``cfg`` that have no result yet. With ``report``, the plan and its
+    time estimate are reported before any work starts, and the time per phase at the end."""
+    started = time.perf_counter()
+    timing.take()
     plan = make_plan(cfg)
     for d, a, name, reason in plan.skipped:
         log.info("skip %s × %s × %s: %s", d, a, name, reason)
     todo = plan.todo()
     # Check every dataset loads before spending compute (a missing one is bad input).
     datasets: dict[str, EvalData] = {name: load_dataset(name) for name in {c.dataset for c in todo}}
+    base = None
+    if report is not None:
+        if todo:
+            if _pending_pretraining(cfg) is None:
+                base = load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
+            rates = Rates.measure(base if base is not None else _architecture_victim(cfg),
+                                  min(cfg.batch_size, 64))
+            for line in describe_plan(cfg, plan, todo, datasets, rates, base):
+                report(line)
+        else:
+            report(f"plan: all {len(plan.cells)} cells of {cfg.out} are done")
     for plugin in {id(p): p for c in todo for p in (c.attack, c.defense)}.values():
         plugin.prepare()
     out = Path(cfg.out)
@@ -260,17 +381,18 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
         stale.unlink(missing_ok=True)  # left by a run killed mid-write
     cache = cache or EmbeddingCache()
     revision, versions = code_revision(), library_versions()
-    base = load_victim(cfg.model, cfg.pretrained, cfg.device) if todo else None
+    if base is None and todo:
+        base = load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
     if base is not None:
         base.requires_grad_(False)
-    bar = tqdm(total=len(todo), desc="cells", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="cells", enabled=progress)
     by_defense: dict[str, list[Cell]] = {}
     for cell in todo:
         by_defense.setdefault(cell.defense_label, []).append(cell)
-    for cells in by_defense.values():
-        started = time.perf_counter()
-        victim, model_info = obtain_model(base, cells[0].defense, progress)
-        model_seconds = time.perf_counter() - started
+    for label, cells in by_defense.items():
+        model_started = time.perf_counter()
+        victim, model_info = obtain_model(base, cells[0].defense, progress, label)
+        model_seconds = time.perf_counter() - model_started
         ctx = EvalContext(victim, cache, cfg.batch_size, progress, cfg.seed)
         for cell in cells:
             data = datasets[cell.dataset]
@@ -281,16 +403,17 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
             t0 = time.perf_counter()
             cell.attack.take_notes(), cell.attack.take_adjustments()
             metrics = evaluate(ctx, data, indices, cell.attack, generator)
+            seconds = time.perf_counter() - t0
+            timing.record(f"evaluate {cell.attack_label}", seconds)
             result = {
                 "schema": RESULT_SCHEMA, "cell": cell.id,
                 "defense": cell.defense_label, "attack": cell.attack_label,
                 "dataset": cell.dataset, "task": cell.task, "config": cell.config,
                 "metrics": metrics, "n": len(indices),
                 "subset_hash": subset_hash(cell.dataset, data.spec.split, indices),
-                "seed": cfg.seed, "versions": versions, "code_revision": revision,
+                "seed": cfg.seed, "precision": cfg.precision, "versions": versions, "code_revision": revision,
                 "model": {"fingerprint": victim.fingerprint(), **model_info},
-                "timings": {"evaluate_s": round(time.perf_counter() - t0, 3),
-                            "model_s": round(model_seconds, 3)},
+                "timings": {"evaluate_s": round(seconds, 3), "model_s": round(model_seconds, 3)},
                 "warnings": cell_warnings(cell.task, metrics) + cell.attack.take_notes(),
                 "adjustments": cell.attack.take_adjustments(),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -298,4 +421,6 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
             atomic_write_json(cell.path, result)
             bar.update(1)
     bar.close()
+    if report is not None and todo:
+        report("time by phase:\n" + timing.summary(timing.take(), time.perf_counter() - started))
     return plan

@@ -73,34 +73,100 @@ def greedy_substitution(text: str, score: Callable[[list[str]], torch.Tensor],
     """Change at most ``budget`` words of ``text`` to maximise ``score``.
 
     ``score(texts)`` returns one value per text (batched); ``candidates(words, i)`` proposes
-    replacement words for position ``i``.
+    replacement words for position ``i``. One text of :func:`greedy_substitutions`.
     """
-    words = split_words(text)
-    if budget <= 0 or not words:
-        return text
-    masked = [join_words(words[:i] + [UNKNOWN] + words[i + 1:]) for i in range(len(words))]
-    importance = score(masked)
-    order = importance.argsort(descending=True).tolist()
-    current = list(words)
-    current_score = float(score([join_words(current)])[0])
-    changes = 0
-    for position in order:
-        if changes >= budget:
+    return greedy_substitutions([text], lambda texts, rows: score(texts),
+                                lambda row, words, i: candidates(words, i), budget, protected)[0]
+
+
+def greedy_substitutions(texts: Sequence[str], score: Callable[[list[str], list[int]], torch.Tensor],
+                         candidates: Callable[[int, list[str], int], list[str]], budget: int,
+                         protected: frozenset[str] = STOP_WORDS) -> list[str]:
+    """The greedy search above for many texts at once, each text searched on its own.
+
+    ``score(texts, rows)`` rates ``texts[j]`` as a replacement of text ``rows[j]`` (one value
+    each); ``candidates(row, words, i)`` proposes replacement words for position ``i`` of
+    text ``row``. Every round scores the candidates of all unfinished texts in one call, so
+    the text encoder sees a few large batches instead of many small ones. Only positions the
+    search may visit (not protected, alphanumeric) are ranked: the importance of the others
+    would be computed and then skipped. Ties in importance go to the earlier word.
+    """
+    words = [split_words(text) for text in texts]
+    current = [list(w) for w in words]
+    scores = [0.0] * len(texts)
+    changes = [0] * len(texts)
+    visitable = [[i for i, w in enumerate(ws) if w not in protected and any(ch.isalnum() for ch in w)]
+                 for ws in words]
+    active = [row for row in range(len(texts)) if budget > 0 and visitable[row]]
+    if not active:
+        return list(texts)
+
+    # importance of word i = the objective with word i replaced by [UNK]; the clean score last
+    batch, owners = [], []
+    for row in active:
+        ws = words[row]
+        batch += [join_words(ws[:i] + [UNKNOWN] + ws[i + 1:]) for i in visitable[row]] + [join_words(ws)]
+        owners += [row] * (len(visitable[row]) + 1)
+    values = score(batch, owners).tolist()
+    order, start = {}, 0
+    for row in active:
+        count = len(visitable[row])
+        importance, scores[row] = values[start:start + count], values[start + count]
+        start += count + 1
+        ranked = sorted(range(count), key=lambda j: -importance[j])  # stable: ties keep word order
+        order[row] = [visitable[row][j] for j in ranked]
+    cursor = dict.fromkeys(active, 0)
+
+    while active:
+        batch, owners, proposals = [], [], {}
+        for row in active:
+            while cursor[row] < len(order[row]):
+                position = order[row][cursor[row]]
+                cursor[row] += 1
+                options = [w for w in dict.fromkeys(candidates(row, current[row], position))
+                           if w and w != words[row][position] and w not in protected]
+                if options:
+                    proposals[row] = (position, options)
+                    cur = current[row]
+                    batch += [join_words(cur[:position] + [w] + cur[position + 1:]) for w in options]
+                    owners += [row] * len(options)
+                    break
+        if not batch:
             break
-        if words[position] in protected or not any(ch.isalnum() for ch in words[position]):
-            continue
-        options = [w for w in dict.fromkeys(candidates(current, position))
-                   if w and w != words[position] and w not in protected]
-        if not options:
-            continue
-        texts = [join_words(current[:position] + [w] + current[position + 1:]) for w in options]
-        scores = score(texts)
-        best = int(scores.argmax())
-        if float(scores[best]) > current_score:
-            current[position] = options[best]
-            current_score = float(scores[best])
-            changes += 1
-    return join_words(current) if changes else text
+        values = score(batch, owners).tolist()
+        start, still = 0, []
+        for row in active:
+            if row not in proposals:
+                continue
+            position, options = proposals[row]
+            found = values[start:start + len(options)]
+            start += len(options)
+            best = max(range(len(options)), key=lambda j: found[j])  # first of equal bests
+            if found[best] > scores[row]:
+                current[row][position] = options[best]
+                scores[row] = found[best]
+                changes[row] += 1
+            if changes[row] < budget and cursor[row] < len(order[row]):
+                still.append(row)
+        active = still
+    return [join_words(current[row]) if changes[row] else text for row, text in enumerate(texts)]
+
+
+def objective_scores(objective) -> Callable[[list[str], list[int]], torch.Tensor]:
+    """``score(texts, rows)`` for :func:`greedy_substitutions` from a text objective: its
+    batched ``score_many(texts, rows)`` where it has one, else ``score(texts, row)`` per row."""
+    many = getattr(objective, "score_many", None)
+    if many is not None:
+        return many
+
+    def per_row(texts: list[str], rows: list[int]) -> torch.Tensor:
+        values = torch.empty(len(texts))
+        for row in dict.fromkeys(rows):
+            picked = [j for j, r in enumerate(rows) if r == row]
+            values[picked] = objective.score([texts[j] for j in picked], row).float().cpu()
+        return values
+
+    return per_row
 
 
 # -- EDA: easy data augmentation (Wei & Zou, EMNLP 2019, §2) ----------------------------------

@@ -41,6 +41,9 @@ import torch.nn.functional as F
 from ..io import atomic_save_tensors, atomic_write_json, stable_hash
 from ..model import WORLD_MODEL, Victim
 from ..paths import cache_dir
+from ..precision import fused_optimizer_kwargs
+from ..progress import progress as progress_bar
+from ..timing import phase
 from .scenes import (ATTRIBUTES, TEMPLATES, Scene, describe, random_caption, render, sample_scenes,
                      scene_from_caption)
 
@@ -60,9 +63,9 @@ class PretrainConfig:
     weight_decay: float = 0.1
     n_train: int = 20000
     seed: int = 0
-    #: bfloat16 autocast for the forward pass (weights and optimiser stay float32): about
-    #: twice the CPU throughput of float32 where the CPU has bf16 instructions.
-    mixed_precision: bool = True
+    #: The forward pass's precision (:mod:`vlbench.precision`): float32 unless asked;
+    #: bf16 only where the CPU computes it natively.
+    precision: str = "fp32"
     #: Share of each batch drawn as families (see :class:`BatchSampler`): scenes that differ
     #: in exactly one attribute. Random batches almost never contain two scenes that agree
     #: on four attributes, so these are the hard negatives of full-caption retrieval.
@@ -104,29 +107,14 @@ def world_model_config() -> dict:
     return json.loads((MODEL_CONFIG_DIR / f"{WORLD_MODEL}.json").read_text())
 
 
-def build_victim(model_cfg: dict | None = None) -> Victim:
+def build_victim(model_cfg: dict | None = None, precision: str = "fp32") -> Victim:
     """A randomly initialised world CLIP (seed the RNG first), wrapped as a Victim."""
     import open_clip
 
     cfg = copy.deepcopy(model_cfg or world_model_config())
     model = open_clip.CLIP(**cfg)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
-    return Victim(model, tokenizer, WORLD_MODEL, None)
-
-
-class CaptionTokens:
-    """Token rows of captions, tokenised once per distinct string (the tokenizer is pure Python)."""
-
-    def __init__(self, tokenizer: Callable):
-        self.tokenizer = tokenizer
-        self.rows: dict[str, torch.Tensor] = {}
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        missing = list(dict.fromkeys(c for c in captions if c not in self.rows))
-        if missing:
-            for caption, row in zip(missing, self.tokenizer(missing)):
-                self.rows[caption] = row
-        return torch.stack([self.rows[c] for c in captions])
+    return Victim(model, tokenizer, WORLD_MODEL, None, precision)
 
 
 def _lr_at(step: int, config: PretrainConfig) -> float:
@@ -233,60 +221,79 @@ def _caption_targets(codes: torch.Tensor, captions: list[str]) -> torch.Tensor:
     return fits
 
 
-def pretrain(config: PretrainConfig = PretrainConfig(), progress: bool = True,
-             model_cfg: dict | None = None,
-             on_step: Callable[[int, Victim], None] | None = None) -> dict[str, torch.Tensor]:
-    """Pretrain the world CLIP from scratch; returns its state dict.
+class Pretraining:
+    """One pretraining run of the world CLIP, a step at a time (:func:`pretrain` runs them).
 
     Deterministic on CPU given ``config.seed``: model init and batch order come from torch's
     seeded generators, captions from a seeded ``random.Random``. ``model_cfg`` overrides the
-    architecture and ``on_step(step, victim)`` is called after every step (both for
-    experiments; checkpoints of the cache always use the shipped config).
+    architecture (for experiments; checkpoints of the cache always use the shipped config).
     """
-    from tqdm import tqdm
 
-    torch.manual_seed(config.seed)
-    victim = build_victim(model_cfg)
-    victim.train()
-    scenes = sample_scenes("train", config.n_train, seed=config.seed)
-    images = render(scenes, RESOLUTION)
-    tokens = CaptionTokens(victim.tokenizer)
-    rng = random.Random(f"captions:{config.seed}")
-    sampler = BatchSampler(scenes, config.batch_size, config.families, config.seed)
-    codes = attribute_codes(scenes)
-    optimizer = torch.optim.AdamW(_param_groups(victim.model, config), lr=config.lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
-    targets = torch.eye(config.batch_size)
-    bar = tqdm(range(config.steps), desc="pretrain world CLIP", disable=not progress, leave=False)
-    for step in bar:
-        batch = sampler.next()
-        captions = [random_caption(scenes[i], rng) for i in batch]
+    def __init__(self, config: PretrainConfig, model_cfg: dict | None = None):
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.victim = build_victim(model_cfg, config.precision)
+        self.victim.train()
+        self.scenes = sample_scenes("train", config.n_train, seed=config.seed)
+        self.images = render(self.scenes, RESOLUTION)
+        self.rng = random.Random(f"captions:{config.seed}")
+        self.sampler = BatchSampler(self.scenes, config.batch_size, config.families, config.seed)
+        self.codes = attribute_codes(self.scenes)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.victim.model, config), lr=config.lr,
+                                           betas=(0.9, 0.98), eps=1e-6, **fused_optimizer_kwargs())
+        self.text_params = [p for group in self.optimizer.param_groups if group["text"] for p in group["params"]]
+
+    def batch(self) -> tuple[list[int], list[str], torch.Tensor]:
+        """The next batch: scene indices, captions (each distinct string once) and the
+        [images, captions] targets."""
+        config = self.config
+        batch = self.sampler.next()
+        captions = [random_caption(self.scenes[i], self.rng) for i in batch]
         if config.attribute_prompts:
-            captions += _attribute_prompts([scenes[i] for i in batch], rng)
-            captions = list(dict.fromkeys(captions))  # each distinct string once
+            captions += _attribute_prompts([self.scenes[i] for i in batch], self.rng)
+            captions = list(dict.fromkeys(captions))
         if config.caption_aware_targets or config.attribute_prompts:
-            targets = _caption_targets(codes[batch], captions)
-        for group in optimizer.param_groups:
+            return batch, captions, _caption_targets(self.codes[batch], captions)
+        return batch, captions, torch.eye(len(batch))
+
+    def step(self, step: int) -> float:
+        """Train step ``step`` on the next batch; returns its loss."""
+        config, victim = self.config, self.victim
+        batch, captions, targets = self.batch()
+        for group in self.optimizer.param_groups:
             scale = _text_scale(step, config) if group["text"] else 1.0
             group["lr"] = _lr_at(step, config) * scale
-
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.mixed_precision):
-            image_features = victim.encode_image(images[batch])
-            text_features = victim.encode_text(tokens(captions))
-        logits = victim.logit_scale * image_features.float() @ text_features.float().T
+        # A frozen text tower needs no gradients: its backward pass is skipped, and its
+        # optimiser state starts when it unfreezes.
+        for param in self.text_params:
+            param.requires_grad_(_text_scale(step, config) > 0)
+        image_features = victim.encode_image(self.images[batch])
+        text_features = victim.encode_text(victim.tokenize(captions))
+        logits = victim.logit_scale * image_features @ text_features.T
         # soft cross-entropy: each image's probability mass is shared by the captions true of it
         loss = (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
                 + F.cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdim=True))) / 2
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         with torch.no_grad():  # CLIP's cap on the temperature
             victim.model.logit_scale.clamp_(0, math.log(100))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss.item()
+
+
+def pretrain(config: PretrainConfig = PretrainConfig(), progress: bool = True,
+             model_cfg: dict | None = None,
+             on_step: Callable[[int, Victim], None] | None = None) -> dict[str, torch.Tensor]:
+    """Pretrain the world CLIP from scratch (:class:`Pretraining`); returns its state dict.
+    ``on_step(step, victim)`` is called after every step (for experiments)."""
+    run = Pretraining(config, model_cfg)
+    bar = progress_bar(range(config.steps), desc="pretrain world CLIP", enabled=progress, leave=False)
+    for step in bar:
+        bar.set_postfix(loss=f"{run.step(step):.3f}")
         if on_step is not None:
-            on_step(step, victim)
-    victim.eval()
-    return {name: tensor.detach().clone() for name, tensor in victim.model.state_dict().items()}
+            on_step(step, run.victim)
+    run.victim.eval()
+    return {name: tensor.detach().clone() for name, tensor in run.victim.model.state_dict().items()}
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -323,6 +330,18 @@ def evaluate_world(victim: Victim) -> dict[str, float]:
     return metrics
 
 
+def pretrain_work(config: PretrainConfig):
+    """The operations of :func:`pretrain`, for a run's time estimate: every step trains the
+    image tower on a batch and encodes its captions and up to 90 distinct attribute prompts,
+    with gradients once the text tower unfreezes."""
+    from ..cost import Work
+
+    texts = config.batch_size + (90 if config.attribute_prompts else 0)
+    frozen = min(config.steps, config.text_frozen_steps)
+    return Work(image_steps=config.steps * config.batch_size, text_forwards=frozen * texts,
+                text_steps=(config.steps - frozen) * texts)
+
+
 # -- the cache ----------------------------------------------------------------------------------
 def checkpoint_path(config: PretrainConfig) -> Path:
     key = stable_hash({"config": asdict(config), "model": world_model_config()})
@@ -351,7 +370,8 @@ def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
         return path
     register_world_model_config()
     started = time.perf_counter()
-    state = pretrain(config, progress=progress)
+    with phase("world CLIP pretraining"):
+        state = pretrain(config, progress=progress)
     seconds = time.perf_counter() - started
     atomic_save_tensors(path, state, metadata={"config": json.dumps(asdict(config), sort_keys=True)})
     model = open_clip.create_model(WORLD_MODEL, pretrained=str(path), weights_only=True)
