@@ -103,3 +103,14 @@ def test_augmented_nn_identity_follows_the_bank_revision(monkeypatch):
     # plain MAT draws no bank, so a new bank revision must not retrain or re-evaluate it
     assert api.build("defenses", "nn", {"augment": ["none"]}).config() == plain
     assert api.build("defenses", "nn", {"augment": ["all"]}).config() != augmented
+
+
+def test_bank_does_not_depend_on_how_rows_are_chunked(world_victim, small_retrieval):
+    config = AugmentConfig(per_pool=2, text_pools=("eda", "captioner"), image_pools=("crop", "flip"))
+    whole = build_bank(world_victim, small_retrieval, config, progress=False)
+    pieces = build_bank(world_victim, small_retrieval, config, progress=False, chunk=3)
+    assert whole.texts == pieces.texts
+    assert torch.equal(whole.images, pieces.images) and torch.equal(whole.image_owner, pieces.image_owner)
+    for pool, stats in whole.stats.items():
+        assert stats["generated"] == pieces.stats[pool]["generated"] > 0
+        assert stats["kept_fraction"] == pieces.stats[pool]["kept_fraction"]
