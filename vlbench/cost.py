@@ -1,5 +1,5 @@
 """What a run will cost, before it starts: work counted in four kinds of operation, each
-timed on this machine in a warm-up of a second or two.
+timed on this machine in a warm-up of under a second.
 
 A plugin states its work with ``work(...)`` (attacks: per cell, from the task and the
 number of images and texts; defenses: for their training) and what its ``prepare`` will

@@ -9,7 +9,7 @@ takes its precision from one setting, ``precision: fp32|bf16|fp16`` in a matrix 
   weights, optimiser state and every result stay float32. On CUDA, ``fp16`` training scales
   the loss (:class:`torch.amp.GradScaler`). On a CPU, the dtype is accepted only where the
   hardware computes it natively (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16 or AMX-FP16):
-  elsewhere oneDNN emulates it, measured at 20× slower than float32 on the world model, so
+  elsewhere oneDNN emulates it, measured at 16× slower than float32 on the world model, so
   the request is refused with a one-line error instead of silently taking hours.
 
 The precision is part of the identity of everything it touches: cell ids, cached defense
@@ -95,7 +95,7 @@ def check_precision(precision: str, device="cpu") -> str:
         forced = [v for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(v)]
         how = f" as configured by {', '.join(forced)}" if forced else ""
         raise UserError(f"precision {precision} is not native on this CPU ({capability}{how}): PyTorch would "
-                        "emulate it, about 20x slower than float32",
+                        "emulate it, some 16x slower than float32",
                         "use --precision fp32 (the default), or a CPU with "
                         f"{'AVX512-BF16 or AMX' if precision == 'bf16' else 'AVX512-FP16 or AMX-FP16'}, or a GPU")
     return precision
