@@ -1,5 +1,6 @@
 """Plugin discovery: built-in folders, entry points, single files; broken plugins are skipped."""
 
+import re
 import textwrap
 
 import pytest
@@ -115,3 +116,39 @@ def test_unknown_plugin_parameter_is_a_user_error():
         api.build("attacks", "pgd", {"eps": 300})
     with pytest.raises(UserError, match="must be int"):
         api.build("attacks", "pgd", {"steps": "ten"})
+
+
+def test_parameters_are_checked_against_their_types_all_the_way_down():
+    from dataclasses import dataclass, field
+    from typing import Literal
+
+    from vlbench.api import coerce_params
+    from vlbench.errors import UserError
+
+    @dataclass
+    class Params:
+        name: str | None = None
+        weights: list[float] = field(default_factory=list)
+        pair: tuple[int, str] = (0, "")
+        mode: Literal["mean", "max"] = "mean"
+        table: dict[str, int] = field(default_factory=dict)
+
+    def build(**options):
+        return coerce_params(Params, options, "attack 'x'")
+
+    assert build(name="a").name == "a" and build(name=None).name is None
+    weights = build(weights=(1, 2.5)).weights
+    assert weights == [1.0, 2.5] and type(weights) is list and all(type(w) is float for w in weights)
+    assert build(pair=[1, "b"]).pair == (1, "b")
+    assert build(mode="max").mode == "max" and build(table={"a": 1}).table == {"a": 1}
+    for options, message in [
+        ({"name": 3}, "parameter 'name' must be str | None, got 3"),
+        ({"weights": ["a"]}, "parameter 'weights' must be list[float], got ['a']"),
+        ({"weights": [True]}, "must be list[float]"),
+        ({"pair": [1, 2]}, "must be tuple[int, str]"),
+        ({"pair": [1]}, "must be tuple[int, str]"),
+        ({"mode": "median"}, "parameter 'mode' must be 'mean' | 'max', got 'median'"),
+        ({"table": {"a": "1"}}, "must be dict[str, int]"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            build(**options)

@@ -162,6 +162,40 @@ def test_malformed_yaml_and_bad_eps_in_config(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("line, expected", [
+    ("limit: '200'", "config {path} key 'limit' must be int | None, got '200'"),
+    ("batch_size: -5", "the batch size must be positive, got -5"),
+    ("seed: 1.5", "key 'seed' must be int, got 1.5"),
+    ("precision: 16", "key 'precision' must be str, got 16"),
+])
+def test_mistyped_config_values_are_one_line(tmp_path, capsys, line, expected):
+    path = tmp_path / "typed.yaml"
+    path.write_text(f"defenses: [none]\nattacks: [none]\ndatasets: [world-colour]\n{line}\n")
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "--config", str(path), "--out", str(out))
+    assert code == 2 and expected.format(path=path) in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("{}")
+    code, err = run_cli(capsys, "--out", str(out), "--defenses", "none", "--attacks", "none",
+                        "--datasets", "world-colour")
+    assert code == 2 and "is a file, not a folder" in err and "\n" not in err
+    assert out.read_text() == "{}"
+
+
+def test_mistyped_dataset_card_entry_is_one_line(tmp_path, capsys, monkeypatch):
+    card = tmp_path / "datasets.yaml"
+    card.write_text("datasets:\n  world-colour:\n    task: classification\n    loader: world\n    options:\n")
+    monkeypatch.setenv("VLBENCH_DATASETS_FILE", str(card))
+    code, err = run_cli(capsys, "--out", str(tmp_path / "out"), "--defenses", "none", "--attacks", "none",
+                        "--datasets", "world-colour")
+    assert code == 2 and "'options' must be dict[str, Any], got None" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
     bad = tmp_path / "weights.safetensors"
     bad.write_bytes(b"not weights")

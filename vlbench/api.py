@@ -33,6 +33,7 @@ import torch
 
 from .errors import UserError
 from .registry import Registry
+from .schema import check_type
 
 MODALITIES = ("none", "image", "text", "multimodal")
 
@@ -84,28 +85,8 @@ def coerce_params(params_cls: type, options: dict[str, Any], owner: str) -> Any:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"{owner} has no parameter {key!r}",
                             f"{hint}its parameters are {', '.join(fields) or '(none)'}")
-        values[key] = _coerce(value, hints.get(key, Any), f"{owner} parameter {key!r}")
+        values[key] = check_type(value, hints.get(key, Any), f"{owner} parameter {key!r}")
     return params_cls(**values)
-
-
-def _coerce(value: Any, hint: Any, what: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    if (hint is dict or origin is dict) and isinstance(value, dict):
-        return dict(value)
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        return type(value)(value) if origin is list else tuple(value)
-    if hint is Any or origin is typing.Union or origin is typing.Literal or hint is None:
-        return value
-    if (hint is list or origin is list) and isinstance(value, (list, tuple)):
-        return list(value)
-    if origin in (list, tuple) and isinstance(value, str):
-        return [value] if origin is list else (value,)
-    name = getattr(hint, "__name__", str(hint))
-    raise UserError(f"{what} must be {name}, got {value!r}", "fix the value in the config")
 
 
 def check_range(owner: str, name: str, value: float, low: float, high: float, unit: str = "") -> None:

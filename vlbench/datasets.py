@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,7 @@ from .errors import UserError
 from .io import stable_hash
 from .paths import builtin_root, cache_dir
 from .registry import Registry
+from .schema import check_type
 
 TASKS = ("classification", "retrieval")
 
@@ -104,6 +106,7 @@ class EvalData:
 
 # -- the card ---------------------------------------------------------------------------
 _FIELDS = set(DatasetSpec.__dataclass_fields__) - {"name"}
+_HINTS = typing.get_type_hints(DatasetSpec)
 
 
 def card_path() -> Path:
@@ -146,7 +149,9 @@ def load_card(path: Path | None = None) -> dict[str, DatasetSpec]:
                 raise UserError(f"dataset {name!r} in {path} lacks {key!r}", f"add a {key}: line")
         if entry["task"] not in TASKS:
             raise UserError(f"dataset {name!r} has task {entry['task']!r}", f"use one of {TASKS}")
-        specs[str(name)] = DatasetSpec(name=str(name), **entry)
+        values = {key: check_type(value, _HINTS[key], f"dataset {name!r} in {path}: {key!r}")
+                  for key, value in entry.items()}
+        specs[str(name)] = DatasetSpec(name=str(name), **values)
     return specs
 
 

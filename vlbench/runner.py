@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +41,7 @@ from .model import WORLD_MODEL, Victim, load_victim
 from .paths import builtin_root, cache_dir
 from .precision import check_precision
 from .progress import progress as progress_bar
+from .schema import check_type
 from .tasks import EvalContext, evaluate
 from .train import TrainingRun
 
@@ -96,10 +98,12 @@ class MatrixConfig:
         if unknown:
             raise UserError(f"config {source} has unknown keys {sorted(unknown)}",
                             f"use only {sorted(known)}")
-        values = dict(raw)
+        hints = typing.get_type_hints(cls)
+        values = {key: check_type(value, hints[key], f"config {source} key {key!r}")
+                  for key, value in raw.items() if key not in ("defenses", "attacks", "datasets")}
         for kind in ("defenses", "attacks"):
-            values[kind] = [PluginSpec.parse(e, kind[:-1]) for e in _as_list(values.get(kind, []), kind)]
-        values["datasets"] = [str(d) for d in _as_list(values.get("datasets", []), "datasets")]
+            values[kind] = [PluginSpec.parse(e, kind[:-1]) for e in _as_list(raw.get(kind, []), kind)]
+        values["datasets"] = [str(d) for d in _as_list(raw.get("datasets", []), "datasets")]
         return cls(**values)
 
 
@@ -156,6 +160,11 @@ def make_plan(cfg: MatrixConfig) -> Plan:
         raise UserError("the matrix is empty", "name at least one defense, attack and dataset")
     if cfg.limit is not None and cfg.limit <= 0:
         raise UserError(f"--limit must be positive, got {cfg.limit}", "pass a positive sample count")
+    if cfg.batch_size <= 0:
+        raise UserError(f"the batch size must be positive, got {cfg.batch_size}",
+                        "set --batch-size (or batch_size: in the config) to a positive number")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a file, not a folder", "name a folder (new or an earlier run's)")
     check_precision(cfg.precision, cfg.device)
     plugins.load_all()
     defenses = [(s.label, api.build("defenses", s.name, s.options)) for s in cfg.defenses]
