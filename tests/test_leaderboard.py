@@ -79,3 +79,16 @@ def test_worst_case_ensemble_above_its_component_is_flagged(tmp_path):
     assert "autoattack (30.0) is above its component apgd-ce (20.0)" in markdown
     assert "two-stage (40.0)" not in markdown  # a sequential composition promises no ordering
     assert "1 cell(s) carry warnings" in markdown
+
+
+def test_html_escapes_labels_and_notes(tmp_path):
+    """A label is whatever a config says; in the HTML page it is text, never markup."""
+    label = "<img src=x onerror=alert(1)>"
+    result(tmp_path, label, "none", "a", "classification", {"top1": 90.0, "clean_top1": 90.0})
+    result(tmp_path, label, "pgd", "a", "classification", {"top1": 10.0, "clean_top1": 90.0})
+    payload = json.loads(next(tmp_path.glob("*pgd*.json")).read_text())
+    (tmp_path / "warned.json").write_text(json.dumps({**payload, "warnings": ["robust above clean"]}))
+    write_leaderboard(tmp_path)
+    page = (tmp_path / "leaderboard.html").read_text()
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("&lt;img") >= 2   # in a table and in the warnings note

@@ -11,6 +11,7 @@ marked and a footnote says so, so numbers from different subsets are never silen
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 from pathlib import Path
@@ -184,12 +185,14 @@ def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> 
     summary_md = "".join(f"\n**{caption}**\n\n{part.to_markdown(floatfmt='.1f')}\n" for caption, part in compact)
     full_md = f"\n**Every dataset**\n\n{table.to_markdown(floatfmt='.1f')}\n"
     atomic_write_text(results_dir / "leaderboard.md", title + summary_md + full_md + footer)
-    html_parts = [f"<h3>{caption}</h3>\n" + part.to_html(float_format=lambda v: f"{v:.1f}", na_rep="–")
+    # labels and notes come from configs and result files: text, never markup
+    html_parts = [f"<h3>{html.escape(caption, quote=False)}</h3>\n"
+                  + part.to_html(float_format=lambda v: f"{v:.1f}", na_rep="–", escape=True)
                   for caption, part in [*compact, ("Every dataset", table)]]
     atomic_write_text(results_dir / "leaderboard.html",
                       "<!doctype html><meta charset='utf-8'><title>vlbench leaderboard</title>\n"
-                      f"<p>{title.strip()}</p>\n" + "\n".join(html_parts) + "\n"
-                      + "".join(f"<p>{n}</p>" for n in notes))
+                      f"<p>{html.escape(title.strip(), quote=False)}</p>\n" + "\n".join(html_parts) + "\n"
+                      + "".join(f"<p>{html.escape(n, quote=False)}</p>" for n in notes))
     if print_markdown:
         # The per-dataset table is too wide for a terminal when there are summaries.
         shown = summary_md if compact else full_md
