@@ -139,7 +139,7 @@ def _mat(spec: DatasetSpec, path: Path) -> dict:
         from scipy.io import loadmat
     except ImportError:
         raise UserError(f"dataset {spec.name!r} stores its labels in .mat files, which need scipy",
-                        "install it: pip install scipy") from None
+                        "install it: pip install 'vlbench[formats]' (or scipy)") from None
     return loadmat(str(path), squeeze_me=True)
 
 
@@ -588,7 +588,7 @@ def _h5py(spec: DatasetSpec):
         import h5py
     except ImportError:
         raise UserError(f"dataset {spec.name!r} is stored as HDF5, which needs h5py",
-                        "install it: pip install h5py") from None
+                        "install it: pip install 'vlbench[formats]' (or h5py)") from None
     return h5py
 
 

@@ -68,7 +68,8 @@ class BlipCaptioner:
             from transformers import BlipForConditionalGeneration, BlipProcessor
 
             self.processor = BlipProcessor.from_pretrained(name, local_files_only=True)
-            self.model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=True).eval()
+            self.model = BlipForConditionalGeneration.from_pretrained(
+                name, local_files_only=True, use_safetensors=True).eval()  # never a pickle
         except Exception:
             raise _local_only_error("captioner", name, "transformers") from None
 
@@ -87,9 +88,10 @@ class StableDiffusionPainter:
         try:
             from diffusers import StableDiffusionPipeline
 
-            self.pipeline = StableDiffusionPipeline.from_pretrained(name, local_files_only=True)
+            self.pipeline = StableDiffusionPipeline.from_pretrained(name, local_files_only=True,
+                                                                    use_safetensors=True)  # never a pickle
         except Exception:
-            raise _local_only_error("text-to-image model", name, "diffusers") from None
+            raise _local_only_error("text-to-image model", name, "'vlbench[diffusion]'") from None
 
     @torch.no_grad()
     def draw(self, texts, size, rng):
