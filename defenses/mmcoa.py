@@ -52,6 +52,7 @@ class MMCoA(AdversarialTrainingDefense):
 
     paper = "Zhou et al., arXiv 2404.19287 (MMCoA), §3"
     description = "multimodal contrastive adversarial training of both encoders (image PGD + BERT-Attack)"
+    training_tasks = ("classification", "retrieval")
 
     @dataclass
     class Params(TrainingParams):
@@ -81,7 +82,7 @@ class MMCoA(AdversarialTrainingDefense):
     def fit(self, victim, run) -> dict:
         p = self.params
         self.prepare()
-        batches = self.batches(victim, tasks=("classification", "retrieval"))
+        batches = self.batches(victim)
         attack_rng = torch.Generator().manual_seed(p.seed + 1)
 
         def loss_at(step: int):

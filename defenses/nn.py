@@ -51,6 +51,7 @@ class NN(AdversarialTrainingDefense):
 
     paper = "Waseda et al., arXiv 2405.18770 (N:N; MAT/MAT+)"
     description = "multimodal adversarial training on image-text pairs with one-to-many augmentation"
+    training_tasks = ("retrieval",)
 
     @dataclass
     class Params(TrainingParams):
@@ -102,14 +103,14 @@ class NN(AdversarialTrainingDefense):
         p = self.params
         return None if work is None else work + Work(text_steps=p.steps * p.batch_size)
 
+    def check_training_data(self) -> None:
+        if len(self.params.train_datasets) != 1:
+            raise UserError(f"defense {self.name} trains on one retrieval dataset", "name one in train_datasets")
+        super().check_training_data()
+
     def fit(self, victim, run) -> dict:
         p = self.params
-        if len(p.train_datasets) != 1:
-            raise UserError(f"defense {self.name} trains on one retrieval dataset", "name one in train_datasets")
         data = load_dataset(p.train_datasets[0], split=p.split)
-        if data.task != "retrieval":
-            raise UserError(f"defense {self.name} needs a retrieval dataset, {data.name} is {data.task}",
-                            "use e.g. flickr30k or world-retrieval")
         self.prepare()
         config = self.augment_config()
         bank = None

@@ -102,3 +102,27 @@ def test_batched_candidates_against_one_at_a_time(benchmark, hand_mlm, tiny_vict
     ratio = one_at_a_time / benchmark.stats.stats.min
     benchmark.extra_info["one_at_a_time_over_batched"] = round(ratio, 2)
     assert ratio > 1.0, f"batching candidates is not faster ({ratio:.2f}x)"
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_a_local_mlm_loads_from_safetensors_only(tmp_path, safe):
+    """A folder holding only a pickled ``pytorch_model.bin`` is refused: unpickling runs code."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube"])}
+    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(tmp_path)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=16))
+    if safe:
+        model.save_pretrained(tmp_path)
+    else:
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+        model.config.save_pretrained(tmp_path)
+    if safe:
+        mlm = load_masked_lm(str(tmp_path))
+        ids, _ = mlm.word_pieces(["a", "red", "cube"])
+        values, indices = mlm.top_k(ids, 2)
+        assert values.shape == indices.shape == (len(ids), 2)
+    else:
+        with pytest.raises(UserError, match="not available offline"):
+            load_masked_lm(str(tmp_path))

@@ -71,3 +71,17 @@ def test_embeddings_are_keyed_by_model_weights_and_subset(tmp_path, tiny_victim)
     cached_classifier(ctx, data)
     cached_classifier(ctx, data)
     assert cache.hits == 2
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from vlbench.io import atomic_save_tensors, atomic_write_json
+
+    atomic_write_json(tmp_path / "cell.json", {"a": 1})
+    atomic_save_tensors(tmp_path / "weights.safetensors", {"w": torch.zeros(2)})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("cell.json", "weights.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask

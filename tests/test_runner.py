@@ -241,3 +241,76 @@ def test_every_builtin_plugin_states_its_work():
             assert attack.work(task, 10, 50, 5 if task == "classification" else 0) is not None, name
     for name in api.defenses.names():
         assert api.build("defenses", name).work() is not None, name
+
+
+def test_a_run_removes_only_the_temporary_files_of_dead_writers(tmp_path, world_checkpoint_path):
+    import socket
+
+    cells = tmp_path / "out" / "cells"
+    cells.mkdir(parents=True)
+    host = socket.gethostname().replace(".", "-")
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+    live = cells / f".a.json.{host}-{os.getpid()}.x1.tmp"        # another run, still writing
+    dead = cells / f".b.json.{host}-{dead_pid}.x2.tmp"           # a run killed mid-write
+    foreign = cells / ".c.json.otherhost-1.x3.tmp"                # another host's: cannot tell
+    for path in (live, dead, foreign):
+        path.write_text("{")
+    run_matrix(config(tmp_path / "out", world_checkpoint_path, attacks=[PluginSpec("none", "none")],
+                      datasets=["world-size"]), progress=False)
+    assert live.exists() and foreign.exists() and not dead.exists()
+    assert len(cell_files(tmp_path / "out")) == 1
+
+
+def test_two_runs_on_one_folder_train_a_defense_once(tmp_path, world_checkpoint_path):
+    """Started together on one out dir and one cache: one process trains, the other waits
+    and reuses its checkpoint; neither removes what the other is writing."""
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text("defenses: [{vanilla: {steps: 40, batch_size: 16, warmup: 1, train_datasets: [world-colour]}}]\n"
+                      "attacks: [none]\ndatasets: [world-colour]\nlimit: 40\n")
+    command = [sys.executable, "-m", "vlbench", "run", "matrix", "--config", str(recipe), "--pretrained",
+               str(world_checkpoint_path), "--out", str(tmp_path / "out"), "--no-progress"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=os.environ.copy()) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    trained = [line for output in outputs for line in output.splitlines() if line.strip().startswith("train vanilla")]
+    assert len(trained) == 1, outputs
+    (cell,) = cell_files(tmp_path / "out")
+    checkpoint = Path(json.loads(cell.read_text())["model"]["checkpoint"])
+    assert checkpoint.is_file() and not checkpoint.with_suffix(".partial").exists()
+    assert not list((tmp_path / "out" / "cells").glob(".*"))
+
+
+def test_missing_open_clip_weights_are_one_line_at_once(tmp_path):
+    """Without HF_HUB_OFFLINE in the environment: vlbench decides offline mode before
+    huggingface_hub reads it, so there is no retrying against the hub and no warnings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    done = subprocess.run([sys.executable, "-m", "vlbench", "run", "matrix", "--model", "ViT-B-32", "--pretrained",
+                           "openai", "--defenses", "none", "--attacks", "none", "--datasets", "world-colour",
+                           "--out", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "not available offline" in lines[0] and "HF_HOME=" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("defense, expected", [
+    ("{tecoa: {train_datasets: [world-retrieval]}}", "defense tecoa trains on classification data; "
+                                                      "world-retrieval is a retrieval dataset"),
+    ("{nn: {train_datasets: [world-colour]}}", "defense nn trains on retrieval data"),
+    ("{nn: {train_datasets: [world-retrieval, world-retrieval]}}", "defense nn trains on one retrieval dataset"),
+    ("{fare: {train_datasets: [world-colur]}}", "did you mean 'world-colour'"),
+    ("{vanilla: {train_datasets: [cifar10]}}", "dataset 'cifar10' not found"),
+])
+def test_bad_training_data_is_found_before_any_work(tmp_path, capsys, monkeypatch, world_checkpoint_path,
+                                                    defense, expected):
+    monkeypatch.setenv("VLBENCH_DATA", str(tmp_path / "no-data"))
+    path = tmp_path / "train.yaml"
+    path.write_text(f"defenses: [{defense}]\nattacks: [none]\ndatasets: [world-colour]\n")
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "--config", str(path), "--out", str(out), "--pretrained", str(world_checkpoint_path))
+    assert code == 2 and expected in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists() and "plan:" not in err

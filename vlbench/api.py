@@ -248,6 +248,11 @@ class Defense(Plugin):
         """A description of the training data, part of the checkpoint's cache key."""
         return {}
 
+    def check_training_data(self) -> None:
+        """Raise a one-line :class:`UserError` if the training data is unknown, missing or of
+        the wrong kind. The runner calls it before any work, so bad input never surfaces
+        halfway through a run."""
+
     def work(self) -> Any:
         """The operations ``fit`` runs (a :class:`vlbench.cost.Work`), for the run's time
         estimate; None if unknown."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_json, stable_hash
+from .io import atomic_write_json, build_once, stable_hash
 from .paths import cache_dir
 from .timing import phase
 from .words import eda
@@ -190,18 +190,25 @@ def cached_bank(victim, data, config: AugmentConfig, progress: bool = True) -> t
            "options": data.spec.options, "n": len(data), "config": asdict(config),
            "revision": BANK_REVISION}
     folder = cache_dir() / "augment" / stable_hash(key, 20)
-    try:
-        tensors = load_file(str(folder / "images.safetensors"))
-        meta = json.loads((folder / "bank.json").read_text())
-        return Bank(meta["texts"], tensors["images"], tensors["owner"], meta["stats"]), folder
-    except Exception:  # missing or damaged: build it (again)
-        pass
-    with phase("N:N augmentation bank"):
-        bank = build_bank(victim, data, config, progress)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bank-", dir=folder.parent))
-    save_file({"images": bank.images.contiguous(), "owner": bank.image_owner}, str(staging / "images.safetensors"))
-    atomic_write_json(staging / "bank.json", {"key": key, "texts": bank.texts, "stats": bank.stats})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    return bank, folder
+
+    def cached() -> Bank | None:
+        try:
+            tensors = load_file(str(folder / "images.safetensors"))
+            meta = json.loads((folder / "bank.json").read_text())
+            return Bank(meta["texts"], tensors["images"], tensors["owner"], meta["stats"])
+        except Exception:  # missing or damaged: build it (again)
+            return None
+
+    def build() -> Bank:
+        with phase("N:N augmentation bank"):
+            bank = build_bank(victim, data, config, progress)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".bank-", dir=folder.parent))
+        save_file({"images": bank.images.contiguous(), "owner": bank.image_owner},
+                  str(staging / "images.safetensors"))
+        atomic_write_json(staging / "bank.json", {"key": key, "texts": bank.texts, "stats": bank.stats})
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        return bank
+
+    return build_once(folder.with_name(folder.name + ".lock"), cached, build, "building the N:N bank"), folder

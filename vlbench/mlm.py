@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .io import atomic_write_json, stable_hash
+from .io import atomic_write_json, build_once, stable_hash
 from .paths import cache_dir
 from .timing import phase
 
@@ -125,7 +125,8 @@ def _load_folder(name_or_path: str | Path, name: str) -> MaskedLM:
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
-        model = AutoModelForMaskedLM.from_pretrained(str(name_or_path), local_files_only=True)
+        model = AutoModelForMaskedLM.from_pretrained(str(name_or_path), local_files_only=True,
+                                                     use_safetensors=True)  # never a pickle
     except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError variants
         reason = " ".join(str(exc).split())[:200]
         raise UserError(f"masked LM {name!r} is not available offline ({reason})",
@@ -232,27 +233,34 @@ def world_mlm_work(config: WorldMLMConfig | None = None):
 
 
 def world_mlm(config: WorldMLMConfig | None = None, force: bool = False, progress: bool = True) -> Path:
-    """The folder of the cached world MLM, training it first if needed (atomically)."""
+    """The folder of the cached world MLM, training it first if needed (atomically; one
+    process trains while others sharing the cache wait for it)."""
     config = config or WorldMLMConfig()
     folder = _world_mlm_folder(config)
-    if folder.is_dir() and not force:
+
+    def usable() -> Path | None:
+        if not folder.is_dir() or force:
+            return None
         try:
             _load_folder(folder, WORLD_MLM)
             return folder
         except UserError:
-            shutil.rmtree(folder, ignore_errors=True)  # damaged: train again
-    started = time.perf_counter()
-    with phase("world MLM training"):
-        tokenizer, model, loss = train_world_mlm(config, progress)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".mlm-", dir=folder.parent))
-    _quiet_transformers()
-    tokenizer.save_pretrained(staging)
-    model.save_pretrained(staging, safe_serialization=True)
-    atomic_write_json(staging / "vlbench.json", {"config": asdict(config), "final_loss": loss,
-                                                 "seconds": round(time.perf_counter() - started, 1)})
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    _loaded.pop((str(folder), WORLD_MLM), None)
-    return folder
+            return None  # damaged: train again
+
+    def train() -> Path:
+        started = time.perf_counter()
+        with phase("world MLM training"):
+            tokenizer, model, loss = train_world_mlm(config, progress)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mlm-", dir=folder.parent))
+        _quiet_transformers()
+        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging, safe_serialization=True)
+        atomic_write_json(staging / "vlbench.json", {"config": asdict(config), "final_loss": loss,
+                                                     "seconds": round(time.perf_counter() - started, 1)})
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        _loaded.pop((str(folder), WORLD_MLM), None)  # a copy loaded before is stale
+        return folder
+
+    return build_once(folder.with_name(folder.name + ".lock"), usable, train, "training the world MLM")

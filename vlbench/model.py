@@ -10,6 +10,8 @@ world's tiny CLIP from the user cache.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -164,18 +166,33 @@ def _offline_hint(name: str, tag: str) -> str:
             f"or pass --pretrained /path/to/checkpoint.safetensors")
 
 
+@contextlib.contextmanager
+def _logs_held():
+    """Hold the log records emitted inside; replay them only if the block succeeds. open_clip
+    logs its own error before raising one, and the one-line error raised from it says it all."""
+    root = logging.getLogger()
+    held: list[logging.LogRecord] = []
+    holder = logging.Handler()
+    holder.emit = held.append
+    saved, root.handlers = root.handlers, [holder]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+    for record in held:
+        root.handle(record)
+
+
 def load_victim(name: str = WORLD_MODEL, pretrained: str | None = None,
-                device: str | torch.device = "cpu", allow_download: bool = False,
-                precision: str = "fp32") -> Victim:
+                device: str | torch.device = "cpu", precision: str = "fp32") -> Victim:
     """Build the victim: an open_clip architecture with a pretrained tag or a checkpoint path.
 
     With ``name == 'vlbench-world'`` and no ``pretrained``, the world's tiny CLIP is taken
-    from the cache (pretrained on first use, in ``precision``).
+    from the cache (pretrained on first use, in ``precision``). Nothing is downloaded (see
+    ``HF_HUB_OFFLINE`` in :mod:`vlbench`).
     """
     import open_clip
 
-    if not allow_download:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .world.pretrain import register_world_model_config, world_checkpoint
 
     register_world_model_config()
@@ -197,8 +214,9 @@ def load_victim(name: str = WORLD_MODEL, pretrained: str | None = None,
     if is_file and not path.is_file():
         raise UserError(f"checkpoint {path} does not exist", "check the --pretrained path")
     try:
-        model = open_clip.create_model(name, pretrained=str(path) if is_file else pretrained,
-                                       device=device, weights_only=True)
+        with _logs_held():
+            model = open_clip.create_model(name, pretrained=str(path) if is_file else pretrained,
+                                           device=device, weights_only=True)
     except UserError:
         raise
     except Exception as exc:  # open_clip raises many types; each becomes one line
@@ -210,7 +228,7 @@ def load_victim(name: str = WORLD_MODEL, pretrained: str | None = None,
         if pretrained and pretrained not in tags:
             raise UserError(f"unknown pretrained tag {pretrained!r} for {name}",
                             f"use one of {tags or 'no tags: pass a checkpoint path'}") from None
-        raise UserError(f"weights for {name}/{pretrained} are not available offline ({reason})",
+        raise UserError(f"weights for {name}/{pretrained} are not available offline ({reason[:120]})",
                         _offline_hint(name, pretrained or "")) from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)

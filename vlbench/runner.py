@@ -36,7 +36,7 @@ from .cache import EmbeddingCache
 from .cost import Rates, Work
 from .datasets import EvalData, get_spec, load_dataset, subset_hash, subset_indices
 from .errors import UserError
-from .io import atomic_save_tensors, atomic_write_json, stable_hash
+from .io import atomic_save_tensors, atomic_write_json, build_once, remove_stale_temporaries, stable_hash
 from .model import WORLD_MODEL, Victim, load_victim
 from .paths import builtin_root, cache_dir
 from .precision import check_precision
@@ -241,24 +241,32 @@ def obtain_model(base: Victim, defense: api.Defense, progress: bool, label: str 
     if not defense.trains:
         return victim, {"trained": False}
     path, key = checkpoint_path(victim, defense)
-    if path.is_file():
+
+    def reuse() -> dict | None:
+        if not path.is_file():
+            return None
         try:
             victim.model.load_state_dict(load_file(str(path)))
-            victim.weights_changed()
-            return victim, {"trained": True, "checkpoint": str(path), "reused": True}
         except Exception as exc:  # a damaged checkpoint is rebuilt, not trusted
             log.warning("checkpoint %s unreadable (%s); training again", path, exc)
-    # Intermediate checkpoints live beside the final one, so a killed run resumes training.
-    workdir = path.with_suffix(".partial")
-    with timing.phase(f"train {label or defense.name}"):
-        summary = defense.fit(victim, TrainingRun(progress=progress, workdir=workdir, label=label))
-    victim.requires_grad_(False)
-    victim.eval()
-    victim.weights_changed()
-    atomic_save_tensors(path, victim.model.state_dict(),
-                        metadata={"key": json.dumps(key, default=str), "summary": json.dumps(summary)})
-    shutil.rmtree(workdir, ignore_errors=True)
-    return victim, {"trained": True, "checkpoint": str(path), "reused": False, "fit": summary}
+            return None
+        victim.weights_changed()
+        return {"trained": True, "checkpoint": str(path), "reused": True}
+
+    def train() -> dict:
+        # Intermediate checkpoints live beside the final one, so a killed run resumes training.
+        workdir = path.with_suffix(".partial")
+        with timing.phase(f"train {label or defense.name}"):
+            summary = defense.fit(victim, TrainingRun(progress=progress, workdir=workdir, label=label))
+        victim.requires_grad_(False)
+        victim.eval()
+        victim.weights_changed()
+        atomic_save_tensors(path, victim.model.state_dict(),
+                            metadata={"key": json.dumps(key, default=str), "summary": json.dumps(summary)})
+        shutil.rmtree(workdir, ignore_errors=True)
+        return {"trained": True, "checkpoint": str(path), "reused": False, "fit": summary}
+
+    return victim, build_once(path.with_suffix(".lock"), reuse, train, f"training {defense.name}")
 
 
 # -- the plan, as the user sees it before any work starts ---------------------------------
@@ -372,6 +380,8 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     todo = plan.todo()
     # Check every dataset loads before spending compute (a missing one is bad input).
     datasets: dict[str, EvalData] = {name: load_dataset(name) for name in {c.dataset for c in todo}}
+    for defense in {id(c.defense): c.defense for c in todo}.values():
+        defense.check_training_data()
     base = None
     if report is not None:
         if todo:
@@ -386,8 +396,8 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     for plugin in {id(p): p for c in todo for p in (c.attack, c.defense)}.values():
         plugin.prepare()
     out = Path(cfg.out)
-    for stale in (out / "cells").glob(".*.tmp") if (out / "cells").is_dir() else ():
-        stale.unlink(missing_ok=True)  # left by a run killed mid-write
+    if (out / "cells").is_dir():
+        remove_stale_temporaries(out / "cells")  # left by a run killed mid-write
     cache = cache or EmbeddingCache()
     revision, versions = code_revision(), library_versions()
     if base is None and todo:

@@ -277,6 +277,8 @@ class TrainingDefense(Defense):
     """A defense trained by :func:`run_training` on classification training splits."""
 
     Params = TrainingParams
+    #: the tasks of the datasets it can train on
+    training_tasks: tuple[str, ...] = ("classification",)
 
     def validate(self) -> None:
         owner = f"defense {self.name}"
@@ -293,6 +295,16 @@ class TrainingDefense(Defense):
     def training_data(self) -> dict:
         return {"datasets": list(self.params.train_datasets), "split": self.params.split}
 
+    def check_training_data(self) -> None:
+        from .datasets import get_spec, load_dataset
+
+        for name in self.params.train_datasets:
+            task = get_spec(name).task
+            if task not in self.training_tasks:
+                raise UserError(f"defense {self.name} trains on {' or '.join(self.training_tasks)} data; "
+                                f"{name} is a {task} dataset", "name other datasets in train_datasets")
+            load_dataset(name, split=self.params.split)  # its files are there, or a one-line error
+
     def work(self) -> Work:
         """One training pass of the image tower per sample and step (defenses that train
         more add to it)."""
@@ -302,9 +314,9 @@ class TrainingDefense(Defense):
         p = self.params
         return Schedule(steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup, optimizer=p.optimizer)
 
-    def batches(self, victim, tasks: tuple[str, ...] = ("classification",)) -> TrainingBatches:
+    def batches(self, victim) -> TrainingBatches:
         p = self.params
-        return TrainingBatches(victim, list(p.train_datasets), p.split, p.batch_size, p.seed, tasks)
+        return TrainingBatches(victim, list(p.train_datasets), p.split, p.batch_size, p.seed, self.training_tasks)
 
     def train(self, victim, run: TrainingRun, trainable, loss_at, generators: dict) -> dict:
         return run_training(victim.model, trainable, self.schedule(), loss_at, desc=f"fit {run.label or self.name}",

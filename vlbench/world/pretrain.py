@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_save_tensors, atomic_write_json, stable_hash
+from ..io import atomic_save_tensors, atomic_write_json, build_once, stable_hash
 from ..model import WORLD_MODEL, Victim
 from ..paths import cache_dir
 from ..precision import fused_optimizer_kwargs
@@ -366,19 +366,25 @@ def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
 
     config = config or PretrainConfig()
     path = checkpoint_path(config)
-    if not force and path.is_file() and _readable(path):
-        return path
     register_world_model_config()
-    started = time.perf_counter()
-    with phase("world CLIP pretraining"):
-        state = pretrain(config, progress=progress)
-    seconds = time.perf_counter() - started
-    atomic_save_tensors(path, state, metadata={"config": json.dumps(asdict(config), sort_keys=True)})
-    model = open_clip.create_model(WORLD_MODEL, pretrained=str(path), weights_only=True)
-    victim = Victim(model, open_clip.get_tokenizer(WORLD_MODEL), WORLD_MODEL, str(path))
-    metrics = evaluate_world(victim)
-    atomic_write_json(path.with_suffix(".json"), {
-        "config": asdict(config), "model": world_model_config(), "pretrain_seconds": round(seconds, 1),
-        "torch_threads": torch.get_num_threads(), "metrics": {k: round(v, 2) for k, v in metrics.items()},
-    })
-    return path
+
+    def cached() -> Path | None:
+        return path if not force and path.is_file() and _readable(path) else None
+
+    def build() -> Path:
+        started = time.perf_counter()
+        with phase("world CLIP pretraining"):
+            state = pretrain(config, progress=progress)
+        seconds = time.perf_counter() - started
+        atomic_save_tensors(path, state, metadata={"config": json.dumps(asdict(config), sort_keys=True)})
+        model = open_clip.create_model(WORLD_MODEL, pretrained=str(path), weights_only=True)
+        victim = Victim(model, open_clip.get_tokenizer(WORLD_MODEL), WORLD_MODEL, str(path))
+        metrics = evaluate_world(victim)
+        atomic_write_json(path.with_suffix(".json"), {
+            "config": asdict(config), "model": world_model_config(), "pretrain_seconds": round(seconds, 1),
+            "torch_threads": torch.get_num_threads(), "metrics": {k: round(v, 2) for k, v in metrics.items()},
+        })
+        return path
+
+    # one process pretrains; another run sharing the cache waits and then reads its checkpoint
+    return build_once(path.with_suffix(".lock"), cached, build, "pretraining the world CLIP")
