@@ -17,15 +17,41 @@ from vlbench.train import TrainingRun
 from vlbench.words import eda, split_words
 
 
-def test_eda_operations():
-    rng = random.Random(0)
+def is_subsequence(short: list[str], long: list[str]) -> bool:
+    remaining = iter(long)
+    return all(word in remaining for word in short)
+
+
+def test_eda_operations_do_what_wei_and_zou_define():
+    """Wei & Zou, EMNLP 2019, §2.1: each operation on its own, over many seeds."""
+    from vlbench.words import SYNONYMS
+
     text = "a small red circle on a striped background"
-    assert split_words(eda(text, "sr", rng, alpha=0.5)) != split_words(text)
-    assert len(split_words(eda(text, "ri", rng))) == len(split_words(text)) + 1
-    assert sorted(split_words(eda(text, "rs", rng))) == sorted(split_words(text))
-    assert len(split_words(eda(text, "rd", rng, alpha=0.5))) < len(split_words(text)) + 1
+    words = split_words(text)
+    for seed in range(50):
+        rng = random.Random(seed)
+        replaced = split_words(eda(text, "sr", rng, alpha=0.3))
+        changed = [(a, b) for a, b in zip(words, replaced) if a != b]
+        assert len(replaced) == len(words) and 1 <= len(changed) <= 2
+        assert all(b in SYNONYMS[a] for a, b in changed)
+
+        inserted = split_words(eda(text, "ri", rng))
+        assert len(inserted) == len(words) + 1
+        extra = list(inserted)
+        for word in words:
+            extra.remove(word)
+        assert any(extra[0] in SYNONYMS[w] for w in words if w in SYNONYMS)
+
+        swapped = split_words(eda(text, "rs", rng))
+        assert sorted(swapped) == sorted(words)
+        assert sum(a != b for a, b in zip(words, swapped)) in (0, 2)   # one swap (of equal words: none)
+
+        deleted = split_words(eda(text, "rd", rng, alpha=0.5))
+        assert 1 <= len(deleted) <= len(words) and is_subsequence(deleted, words)
+    # deletion with p = 0.5 over 8 words removes some word on almost every seed
+    assert sum(len(split_words(eda(text, "rd", random.Random(s), alpha=0.5))) < len(words) for s in range(50)) >= 45
     with pytest.raises(ValueError):
-        eda(text, "xx", rng)
+        eda(text, "xx", random.Random(0))
 
 
 @pytest.fixture(scope="module")
