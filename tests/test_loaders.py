@@ -405,3 +405,52 @@ def test_unsupported_split_is_a_user_error(tmp_path, monkeypatch):
 def test_clean_classname_follows_tecoa():
     assert clean_classname("polka-dotted") == "polka dotted"
     assert clean_classname("Maine_Coon") == "maine coon"
+
+
+# -- the same fixture files through torchvision's own dataset classes -----------------------------
+def unchecked(cls):
+    """A torchvision dataset class that trusts the files it is given: its integrity check
+    compares md5 sums of the published archives, which a fixture cannot match."""
+    return type(cls.__name__, (cls,), {"_check_integrity": lambda self: True})
+
+
+def same_as_torchvision(data, reference) -> None:
+    """Every label and every pixel as torchvision reads them (through the card's transform)."""
+    from vlbench.datasets import build_transform
+
+    transform = build_transform(data.spec.transform)
+    assert len(data) == len(reference) > 0
+    for i in range(len(reference)):
+        image, label = reference[i]
+        ours, our_label = data.images[i]
+        assert int(our_label) == int(label)
+        assert torch.allclose(ours, transform(image.convert("RGB")), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, folder, torchvision_class, options", [
+    ("cifar10", "cifar-10-batches-py", "CIFAR10", {"train": False}),
+    ("cifar100", "cifar-100-python", "CIFAR100", {"train": False}),
+    ("stl10", "stl10_binary", "STL10", {"split": "test"}),
+    ("flowers102", "flowers-102", "Flowers102", {"split": "test"}),
+    ("pcam", "pcam", "PCAM", {"split": "test"}),
+])
+def test_loaders_read_what_torchvision_reads(tmp_path, monkeypatch, name, folder, torchvision_class, options):
+    import torchvision.datasets
+    import torchvision.datasets.cifar
+
+    target = tmp_path / folder
+    if name == "cifar10":
+        write_cifar10(target, [3, 0, 9, 3, 5], CIFAR10_RAW)
+    elif name == "cifar100":
+        names = [n.replace(" ", "_") for n in shipped_entry("cifar100")["classnames"]]
+        write_cifar100(target, fine=[1, 99, 47], coarse=[1, 19, 17], fine_names=names)
+    elif name == "stl10":
+        write_stl10(target, [0, 7, 9], shipped_entry("stl10")["classnames"])
+    elif name == "flowers102":
+        write_flowers102(target, labels=[5, 102, 1], test_ids=[3, 2], train_ids=[1])
+    else:
+        write_pcam(target, [0, 1, 1])
+    point_at(monkeypatch, name, target)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)  # md5s
+    reference = unchecked(getattr(torchvision.datasets, torchvision_class))(str(tmp_path), download=False, **options)
+    same_as_torchvision(load_dataset(name), reference)
