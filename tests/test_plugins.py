@@ -2,6 +2,7 @@
 
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,27 @@ def test_parameters_are_checked_against_their_types_all_the_way_down():
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             build(**options)
+
+
+def test_the_readme_plugin_example_runs_and_records_its_budget(tmp_path, capsys, world_checkpoint_path):
+    import json
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    source = readme.split("```python\n# my_attack.py\n", 1)[1].split("```", 1)[0]
+    plugin = tmp_path / "my_attack.py"
+    plugin.write_text(source)
+    common = ["run", "matrix", "--plugin", str(plugin), "--defenses", "none", "--datasets", "world-colour",
+              "--limit", "60", "--pretrained", str(world_checkpoint_path), "--no-progress"]
+    try:
+        assert main([*common, "--attacks", "none,fgsm", "--out", str(tmp_path / "out")]) == 0
+        cells = {c["attack"]: c for c in (json.loads(p.read_text()) for p in (tmp_path / "out" / "cells").glob("*.json"))}
+        assert cells["fgsm"]["config"]["attack"]["threat_model"] == {"modality": "image", "norm": "Linf",
+                                                                     "eps": 4 / 255, "eps_255": 4.0}
+        assert cells["fgsm"]["metrics"]["top1"] < cells["none"]["metrics"]["top1"]
+        config = tmp_path / "big.yaml"
+        config.write_text("attacks: [{fgsm: {eps: 300}}]\n")
+        capsys.readouterr()
+        assert main([*common, "--config", str(config), "--out", str(tmp_path / "big")]) == 2
+        assert "eps=300.0/255 is out of range" in capsys.readouterr().err
+    finally:
+        api.attacks.unregister("fgsm")
