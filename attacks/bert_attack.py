@@ -29,7 +29,7 @@ import torch
 
 from vlbench.api import TextAttack, attacks, check_range
 from vlbench.cost import Work
-from vlbench.mlm import load_masked_lm
+from ._mlm import load_masked_lm
 from vlbench.words import greedy_substitutions, objective_scores, split_words
 
 
@@ -65,7 +65,7 @@ class BertAttack(TextAttack):
         self.mlm  # noqa: B018  (loads, or fails with a one-line error naming what to download)
 
     def pending(self):
-        from vlbench.mlm import WORLD_MLM, world_mlm_cached, world_mlm_work
+        from ._mlm import WORLD_MLM, world_mlm_cached, world_mlm_work
 
         if self.params.mlm == WORLD_MLM and not world_mlm_cached():
             return [("world MLM training", world_mlm_work())]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vlbench.api import attacks, check_range
-from vlbench.perturb import TextThenImagePGDAttack
+from ._text_then_image import TextThenImagePGDAttack
 
 
 def rescaled_copy(images: torch.Tensor, scale: float, noise_std: float, generator: torch.Generator) -> torch.Tensor:

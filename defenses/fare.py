@@ -21,8 +21,25 @@ import torch
 
 from vlbench.api import check_range, defenses
 from vlbench.losses import embedding_distance
-from vlbench.perturb import momentum_sign_pgd
+from vlbench.perturb import SampleNoise, into_box, project, random_start
 from vlbench.train import AdversarialTrainingDefense, TrainingParams, in_eval_mode
+
+
+def momentum_sign_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps: int,
+                      momentum: float, generator: torch.Generator) -> torch.Tensor:
+    """FARE's training attack (Schlarmann et al., ICML 2024; RobustVLM ``pgd_train.py``):
+    L∞ PGD from a uniform start whose step follows a momentum of sign-normalised gradients,
+    ``v ← μ·v + sign(∇)``, ``δ ← Proj(δ + α·sign(v))``."""
+    if eps == 0:
+        return images.clone()
+    delta = random_start(images, "Linf", eps, SampleNoise.of(None, generator, len(images)))
+    velocity = torch.zeros_like(images)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss_fn(images + delta).sum(), delta)
+        velocity = momentum * velocity + gradient.sign()
+        delta = into_box(images, project(delta.detach() + step_size * velocity.sign(), "Linf", eps))
+    return (images + delta).detach()
 
 
 @defenses.register("fare")

@@ -5,7 +5,7 @@ import torch
 
 from vlbench import api
 from vlbench.errors import UserError
-from vlbench.mlm import MaskedLM, load_masked_lm
+from attacks._mlm import MaskedLM, load_masked_lm
 from vlbench.tasks import EmbeddingShiftObjective
 from vlbench.words import changed_words
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from vlbench import api
-from vlbench.augment import AugmentConfig, build_bank, cached_bank
+from defenses.nn.bank import AugmentConfig, build_bank, cached_bank
 from vlbench.datasets import EvalData, get_spec, loaders
-from vlbench.generators import WorldCaptioner, WorldPainter
+from defenses.nn.generators import WorldCaptioner, WorldPainter
 from vlbench.world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
 from vlbench.train import TrainingRun
-from vlbench.words import eda, split_words
+from defenses.nn.eda import eda
+from vlbench.words import split_words
 
 
 def is_subsequence(short: list[str], long: list[str]) -> bool:
@@ -24,7 +25,7 @@ def is_subsequence(short: list[str], long: list[str]) -> bool:
 
 def test_eda_operations_do_what_wei_and_zou_define():
     """Wei & Zou, EMNLP 2019, §2.1: each operation on its own, over many seeds."""
-    from vlbench.words import SYNONYMS
+    from defenses.nn.eda import SYNONYMS
 
     text = "a small red circle on a striped background"
     words = split_words(text)
@@ -140,3 +141,12 @@ def test_bank_does_not_depend_on_how_rows_are_chunked(world_victim, small_retrie
     for pool, stats in whole.stats.items():
         assert stats["generated"] == pieces.stats[pool]["generated"] > 0
         assert stats["kept_fraction"] == pieces.stats[pool]["kept_fraction"]
+
+
+def test_the_bank_command_rejects_bad_input_in_one_line(capsys):
+    from defenses.nn.__main__ import main
+
+    assert main(["--pools", "eda,mixup"]) == 2
+    assert main(["--dataset", "world-shape"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "unknown augmentation pools ['mixup']" in errors[0] and "world-shape is a classification dataset" in errors[1]

@@ -177,3 +177,69 @@ def test_the_readme_plugin_example_runs_and_records_its_budget(tmp_path, capsys,
         assert "eps=300.0/255 is out of range" in capsys.readouterr().err
     finally:
         api.attacks.unregister("fgsm")
+
+
+def _builtin_package(root, name: str, modules: dict[str, str]) -> None:
+    package = root / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for module, source in modules.items():
+        (package / f"{module}.py").write_text(source)
+
+
+def test_builtins_register_lazily_and_import_their_helpers(tmp_path, monkeypatch):
+    helper = "from vlbench.api import ImageAttack\nclass Base(ImageAttack):\n    paper = 'helper'\n"
+    plugin = ("from ._base import Base\nfrom vlbench.api import attacks\n"
+              "@attacks.register('lazy-one')\nclass LazyOne(Base):\n    description = 'uses its helper'\n")
+    _builtin_package(tmp_path, "vlbench_test_attacks", {"_base": helper, "lazy_one": plugin})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(plugins.BUILTIN_PACKAGES, "attacks", "vlbench_test_attacks")
+    monkeypatch.setattr(plugins, "_loaded_sources", set())
+    import sys
+
+    try:
+        plugins.load_builtin("attacks")
+        assert "lazy-one" in api.attacks and "vlbench_test_attacks.lazy_one" not in sys.modules
+        cls = api.attacks.get("lazy-one")
+        assert cls.paper == "helper" and cls.__module__ == "vlbench_test_attacks.lazy_one"
+    finally:
+        api.attacks.unregister("lazy-one")
+
+
+@pytest.mark.parametrize("source, error", [
+    ("from vlbench.api import attacks\n@attacks.register('broken-one')\nclass Broken(:\n", SyntaxError),
+    ("import not_a_real_module_xyz\nfrom vlbench.api import attacks, ImageAttack\n"
+     "@attacks.register('broken-one')\nclass Broken(ImageAttack):\n    pass\n", ModuleNotFoundError),
+])
+def test_a_broken_builtin_is_an_error_with_its_traceback(tmp_path, monkeypatch, source, error):
+    package = f"vlbench_broken_attacks_{error.__name__}"
+    _builtin_package(tmp_path, package, {"broken_one": source})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(plugins.BUILTIN_PACKAGES, "attacks", package)
+    monkeypatch.setattr(plugins, "_loaded_sources", set())
+    try:
+        with pytest.raises(error) as raised:
+            plugins.load_builtin("attacks")
+            api.attacks.get("broken-one")
+        assert "broken_one.py" in "".join(str(entry.path) for entry in raised.traceback) + str(raised.value)
+    finally:
+        api.attacks.unregister("broken-one")
+
+
+def test_importing_vlbench_and_listing_names_imports_no_plugin():
+    import subprocess
+    import sys
+
+    code = ("import sys, vlbench.api as api; names = api.attacks.names() + api.defenses.names(); "
+            "print(len(names), sorted(m for m in sys.modules if m.startswith(('attacks.', 'defenses.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert int(out[0]) >= 15 and out[1].strip() == "[]"
+
+
+def test_prepare_builds_a_plugin_from_its_parameters(capsys):
+    assert main(["prepare", "attack", "pgd", "--set", "eps=2", "--set", "steps=3"]) == 0
+    assert capsys.readouterr().out.strip() == "attack pgd: ready"
+    assert main(["prepare", "attack", "pgd", "--set", "eps=300"]) == 2
+    assert "eps=300.0/255 is out of range" in capsys.readouterr().err
+    assert main(["prepare", "defense", "nn", "--set", "augment"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err

@@ -5,7 +5,7 @@
     vlbench ls defenses|attacks|datasets
     vlbench leaderboard RESULTS_DIR
     vlbench world pretrain [--force]
-    vlbench augment [--dataset world-retrieval] [--pools all]
+    vlbench prepare defense|attack NAME [--set KEY=VALUE]
 
 Bad input (unknown names, malformed YAML, missing data or checkpoints, out-of-range
 parameters) prints one line naming the problem and the fix and exits with status 2.
@@ -77,15 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     board = commands.add_parser("leaderboard", help="write leaderboard CSV/Markdown/HTML from results")
     board.add_argument("results_dir", type=Path)
 
-    augment = commands.add_parser("augment", help="precompute and cache an N:N augmentation bank")
-    augment.add_argument("--dataset", default="world-retrieval", help="a retrieval dataset")
-    augment.add_argument("--split", default="train")
-    augment.add_argument("--pools", type=_names, default=["all"], help="'all' or pool names, comma-separated")
-    augment.add_argument("--per-pool", type=int, default=2)
-    augment.add_argument("--margin", type=float, default=0.05, help="alignment filter margin")
-    augment.add_argument("--model", default=None, help="base model (default: the world CLIP)")
-    augment.add_argument("--pretrained", default=None)
-    augment.add_argument("--data-root", type=Path)
+    prepare = commands.add_parser("prepare", help="build (or reuse) what a defense or attack needs before a run "
+                                  "(e.g. bert-attack's masked LM), so cluster jobs find it cached")
+    prepare.add_argument("kind", choices=["defense", "attack"])
+    prepare.add_argument("name")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a plugin parameter, the value read as YAML (repeatable)")
+    _add_plugin_flag(prepare)
 
     world = commands.add_parser("world", help="the synthetic world")
     world_commands = world.add_subparsers(dest="world_command", required=True)
@@ -93,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--force", action="store_true", help="pretrain again even if cached")
     pretrain.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="forward-pass precision (default fp32; bf16/fp16 only where native)")
-    mlm = world_commands.add_parser("mlm", help="train (or reuse) the world's masked LM for bert-attack")
-    mlm.add_argument("--force", action="store_true", help="train again even if cached")
     return parser
 
 
@@ -175,7 +171,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for name in registry.names():
         try:
             cls = registry.get(name)
-        except Exception as exc:  # a broken lazy plugin is reported, the rest still listed
+        except Exception as exc:  # a broken third-party plugin is reported, the rest still listed
+            if name in plugins.builtin_names[args.kind]:
+                raise
             warnings.warn(f"skipping plugin {name}: {type(exc).__name__}: {exc}", plugins.PluginWarning)
             continue
         if args.kind == "attacks":
@@ -196,43 +194,29 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_augment(args: argparse.Namespace) -> int:
-    import os
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import yaml
 
-    from tabulate import tabulate
+    from . import api, plugins
 
-    from .augment import IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
-    from .datasets import load_dataset
-    from .model import WORLD_MODEL, load_victim
-
-    if args.data_root:
-        os.environ["VLBENCH_DATA"] = str(args.data_root)
-    pools = TEXT_POOLS + IMAGE_POOLS if "all" in args.pools else tuple(args.pools)
-    unknown = set(pools) - set(TEXT_POOLS + IMAGE_POOLS)
-    if unknown:
-        raise UserError(f"unknown augmentation pools {sorted(unknown)}", f"use all or {TEXT_POOLS + IMAGE_POOLS}")
-    data = load_dataset(args.dataset, split=args.split)
-    if data.task != "retrieval":
-        raise UserError(f"{args.dataset} is a {data.task} dataset", "augment a retrieval dataset")
-    victim = load_victim(args.model or WORLD_MODEL, args.pretrained)
-    config = AugmentConfig(tuple(p for p in TEXT_POOLS if p in pools), tuple(p for p in IMAGE_POOLS if p in pools),
-                           args.per_pool, args.margin)
-    bank, folder = cached_bank(victim, data, config)
-    print(folder)
-    rows = [(pool, s["generated"], f"{100 * s['kept_fraction']:.1f}%", f"{s['alignment']:.3f}", f"{s['diversity']:.3f}")
-            for pool, s in bank.stats.items()]
-    print(tabulate(rows, headers=["pool", "generated", "kept", "alignment", "diversity"]))
+    plugins.load_files(args.plugin)
+    options = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r} is not KEY=VALUE", "write e.g. --set mlm=world")
+        options[key] = yaml.safe_load(value)
+    plugin = api.build(args.kind + "s", args.name, options)
+    for what, _ in plugin.pending():
+        print(f"building: {what}", file=sys.stderr, flush=True)
+    plugin.prepare()
+    print(f"{args.kind} {args.name}: ready")
     return 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:
     import json
 
-    if args.world_command == "mlm":
-        from .mlm import world_mlm
-
-        print(world_mlm(force=args.force))
-        return 0
     from .precision import check_precision
     from .world.pretrain import PretrainConfig, world_checkpoint
 
@@ -250,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
-                "augment": cmd_augment}
+                "prepare": cmd_prepare}
     try:
         return handlers[args.command](args)
     except UserError as exc:

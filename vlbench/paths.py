@@ -1,7 +1,7 @@
 """Where vlbench keeps things: its cache directory and its built-in files.
 
-The built-in files (``datasets.yaml``, ``configs/``, ``defenses/``, ``attacks/``) sit at the
-top of a source checkout; an installed wheel carries the same tree as ``vlbench/builtin/``.
+The built-in files (``datasets.yaml``, ``configs/``) sit at the top of a source checkout; an
+installed wheel carries them as ``vlbench/builtin/``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def builtin_root() -> Path:
-    """The folder holding ``datasets.yaml``, ``configs/``, ``defenses/`` and ``attacks/``."""
+    """The folder holding ``datasets.yaml`` and ``configs/``."""
     installed = _PACKAGE_DIR / "builtin"
     if (installed / "datasets.yaml").is_file():
         return installed

@@ -19,13 +19,12 @@ Losses take logits ``[B, C]`` and return one value per sample, to be *maximised*
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .api import ImageAttack, MultimodalAttack, check_range
-from .components import build_component
+from .api import ImageAttack, check_range
 from .cost import Work
 from .errors import UserError
 
@@ -317,79 +316,3 @@ class ProjectedGradientAttack(NormBallAttack):
             self.params.norm, eps, step_size, self.params.steps, self.params.restarts,
             self.params.random_start, SampleNoise.of(objective, generator, len(images)), report=self.note)
         return result
-
-
-class TextThenImagePGDAttack(MultimodalAttack):
-    """Base of the retrieval attacks that pair a registered text attack with L∞ PGD on the
-    images under an attack-specific loss (Co-Attack, SGA): shared parameters, validation,
-    threat model and the image loop. Subclasses write ``attack_texts`` and ``image_loss``.
-    """
-
-    tasks = ("retrieval",)
-
-    @dataclass
-    class Params:
-        eps: float = 2.0          # in 1/255
-        steps: int = 10
-        step_size: float = 0.5    # in 1/255
-        text_attack: str = "bert-attack"
-        text_params: dict = field(default_factory=lambda: {"budget": 1})
-
-    def validate(self) -> None:
-        owner = f"attack {self.name}"
-        check_range(owner, "eps", self.params.eps, 0, 255, "/255")
-        check_range(owner, "step_size", self.params.step_size, 0, 255, "/255")
-        check_range(owner, "steps", self.params.steps, 0, 100_000)
-        self.text = build_component(owner, self.params.text_attack, self.params.text_params, "text")
-
-    def prepare(self) -> None:
-        self.text.prepare()
-
-    def pending(self):
-        return self.text.pending()
-
-    #: times the text attack runs (SGA: before and after the image stage), for :meth:`work`
-    text_stages = 1
-
-    def image_copies(self) -> int:
-        """Image encodings per PGD step (SGA: the image and its scale copies)."""
-        return 1
-
-    def work(self, task, images, texts, classes):
-        text = self.text.work(task, 0, texts, classes)
-        if text is None:
-            return None
-        return text * self.text_stages + Work(image_grads=images * self.params.steps * self.image_copies())
-
-    def config(self) -> dict:
-        return {**super().config(), "components": [self.text.config()]}
-
-    def threat_model(self) -> dict:
-        return {"modality": "multimodal", "image": {"norm": "Linf", "eps": self.params.eps / 255,
-                                                    "eps_255": self.params.eps},
-                "text": self.text.threat_model()}
-
-    def image_loss(self, problem, rows: torch.Tensor, text_embeddings: torch.Tensor, generator: torch.Generator):
-        """``loss(x, subset)`` to maximise for the images of ``rows``, one value per image."""
-        raise NotImplementedError
-
-    def attack_images(self, problem, rows, images, text_embeddings, generator):
-        loss = self.image_loss(problem, rows, text_embeddings.to(images.device), generator)
-        return linf_pgd(images, loss, self.params.eps / 255, self.params.step_size / 255, self.params.steps, generator)
-
-
-def momentum_sign_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps: int,
-                      momentum: float, generator: torch.Generator) -> torch.Tensor:
-    """FARE's training attack (Schlarmann et al., ICML 2024; RobustVLM ``pgd_train.py``):
-    L∞ PGD from a uniform start whose step follows a momentum of sign-normalised gradients,
-    ``v ← μ·v + sign(∇)``, ``δ ← Proj(δ + α·sign(v))``."""
-    if eps == 0:
-        return images.clone()
-    delta = random_start(images, "Linf", eps, SampleNoise.of(None, generator, len(images)))
-    velocity = torch.zeros_like(images)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        (gradient,) = torch.autograd.grad(loss_fn(images + delta).sum(), delta)
-        velocity = momentum * velocity + gradient.sign()
-        delta = into_box(images, project(delta.detach() + step_size * velocity.sign(), "Linf", eps))
-    return (images + delta).detach()

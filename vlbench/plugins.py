@@ -2,21 +2,31 @@
 
 Three routes, in this order:
 
-1. built-ins: every ``*.py`` file in the ``defenses/`` and ``attacks/`` folders;
+1. built-ins: the modules of the ``defenses`` and ``attacks`` packages, each imported by its
+   module name (so a built-in may import helpers beside it). They are indexed without being
+   imported: each module's source is parsed for its ``@attacks.register("name")`` /
+   ``@defenses.register("name")`` decorators and every name is registered lazily as
+   ``module:Class``, so ``import vlbench`` and ``vlbench ls`` import no plugin, and a run
+   imports only the plugins it uses. A module whose names cannot be read that way is imported
+   at once. Modules named ``_*`` are helpers, not plugins;
 2. installed packages: entry points in the groups ``vlbench.defenses`` and
    ``vlbench.attacks`` (``name = "package.module:Class"``, registered lazily under ``name``,
    or ``name = "package.module"``, imported so its decorators register);
 3. single files named with ``--plugin path.py``.
 
-A plugin that fails to import is reported with its error and skipped; the others still load
-(the shape of submitit's ``core/plugins.py``).
+A third-party plugin (entry point or file) that fails to import is reported with its error and
+skipped; the others still load (the shape of submitit's ``core/plugins.py``). A broken built-in
+is a bug in vlbench, not the user's input: its error propagates with its traceback.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
 import importlib.util
 import logging
+import pkgutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -25,7 +35,6 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import UserError
-from .paths import builtin_root
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ class PluginWarning(UserWarning):
 
 _loaded_sources: set[str] = set()
 failures: list[PluginFailure] = []
+#: the names the built-in packages register, by kind
+builtin_names: dict[str, set[str]] = {"defenses": set(), "attacks": set()}
 
 
 def _report(source: str, exc: BaseException) -> None:
@@ -81,11 +92,54 @@ def _load_once(source: str, load) -> None:
         _report(source, exc)
 
 
+#: the packages holding the built-in plugins, by kind: imported by name, never statically
+BUILTIN_PACKAGES = {"defenses": "defenses", "attacks": "attacks"}
+
+
+def _registered_names(source: str, filename: str, registry_name: str) -> list[tuple[str, str, int]]:
+    """``(name, class, line)`` for every ``@<registry_name>.register("name")`` class decorator
+    in ``source``; a syntax error propagates, naming the file and line."""
+    found = []
+    for node in ast.parse(source, filename).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for decorator in node.decorator_list:
+            if (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
+                    and decorator.func.attr == "register" and isinstance(decorator.func.value, ast.Name)
+                    and decorator.func.value.id == registry_name and decorator.args
+                    and isinstance(decorator.args[0], ast.Constant) and isinstance(decorator.args[0].value, str)):
+                found.append((decorator.args[0].value, node.name, node.lineno))
+    return found
+
+
+def builtin_modules(kind: str) -> list[tuple[str, Path]]:
+    """``(module name, source file)`` of every built-in plugin of ``kind``, helpers excluded."""
+    package = importlib.import_module(BUILTIN_PACKAGES[kind])
+    modules = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        folder = Path(info.module_finder.path)
+        path = folder / info.name / "__init__.py" if info.ispkg else folder / f"{info.name}.py"
+        modules.append((f"{package.__name__}.{info.name}", path))
+    return modules
+
+
 def load_builtin(kind: str) -> None:
-    folder = builtin_root() / kind
-    for path in sorted(folder.glob("*.py")):
-        if not path.name.startswith("_"):
-            _load_once(str(path), lambda p=path: import_file(p, f"vlbench_builtin_{kind}"))
+    from . import api
+
+    source = f"built-in {kind}"
+    if source in _loaded_sources:
+        return
+    registry = api.registry_for(kind)
+    for module, path in builtin_modules(kind):
+        names = _registered_names(path.read_text(), str(path), kind)
+        if not names:  # registered some other way: the module itself must run to tell
+            importlib.import_module(module)
+        for name, cls, line in names:
+            registry.register_lazy(name, f"{module}:{cls}", origin=f"{path}:{line}")
+            builtin_names[kind].add(name)
+    _loaded_sources.add(source)
 
 
 def load_entry_points(kind: str) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import UserError
+from vlbench.errors import UserError
 
 
 class Captioner(Protocol):
@@ -38,8 +38,8 @@ class WorldCaptioner:
         self.scenes = scenes
 
     def caption(self, images, rows, n, rng):
-        from .world.loaders import CAPTIONS_PER_IMAGE
-        from .world.scenes import generated_captions
+        from vlbench.world.loaders import CAPTIONS_PER_IMAGE
+        from vlbench.world.scenes import generated_captions
 
         return [generated_captions(self.scenes[row], n, rng, CAPTIONS_PER_IMAGE) for row in rows]
 
@@ -48,7 +48,7 @@ class WorldPainter:
     """A fresh scene with the attributes a caption names (the rest random), rendered."""
 
     def draw(self, texts, size, rng):
-        from .world.scenes import render, scene_for, scene_from_caption
+        from vlbench.world.scenes import render, scene_for, scene_from_caption
 
         scenes = [scene_for(scene_from_caption(text), rng) for text in texts]
         return render(scenes, size[0])

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_json, build_once, stable_hash
-from .paths import cache_dir
-from .timing import phase
-from .words import eda
+from vlbench.io import atomic_write_json, build_once, stable_hash
+from vlbench.paths import cache_dir
+from vlbench.timing import phase
+from .eda import eda
 
 TEXT_POOLS = ("captions", "eda", "captioner")
 IMAGE_POOLS = ("crop", "flip", "randaugment", "painter")
@@ -111,7 +111,7 @@ def build_bank(victim, data, config: AugmentConfig, progress: bool = True, chunk
     embedded in a few large batches and filtered row by row.
     """
     from .generators import generators_for
-    from .progress import progress as progress_bar
+    from vlbench.progress import progress as progress_bar
 
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)  # torchvision's random transforms draw from the global generator

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlbench.api import defenses
-from vlbench.augment import BANK_REVISION, IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
+from .bank import BANK_REVISION, IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
 from vlbench.cost import Work
 from vlbench.datasets import load_dataset
 from vlbench.errors import UserError

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .io import atomic_write_json, build_once, stable_hash
-from .paths import cache_dir
-from .timing import phase
+from vlbench.errors import UserError
+from vlbench.io import atomic_write_json, build_once, stable_hash
+from vlbench.paths import cache_dir
+from vlbench.timing import phase
 
 WORLD_MLM = "world"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -153,7 +153,7 @@ class WorldMLMConfig:
 
 
 def _world_captions(config: WorldMLMConfig) -> list[str]:
-    from .world.scenes import describe, random_caption, sample_scenes
+    from vlbench.world.scenes import describe, random_caption, sample_scenes
 
     rng = random.Random(config.seed)
     captions = []
@@ -164,7 +164,7 @@ def _world_captions(config: WorldMLMConfig) -> list[str]:
 
 
 def _world_vocabulary(captions: list[str]) -> dict[str, int]:
-    from .words import split_words
+    from vlbench.words import split_words
 
     words = sorted({w for caption in captions for w in split_words(caption)})
     return {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
@@ -174,9 +174,9 @@ def train_world_mlm(config: WorldMLMConfig, progress: bool = True):
     """Train a small BERT on world captions with the standard 80/10/10 MLM masking."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
-    from .progress import progress as progress_bar
+    from vlbench.progress import progress as progress_bar
 
-    from .words import split_words
+    from vlbench.words import split_words
 
     torch.manual_seed(config.seed)
     captions = _world_captions(config)
@@ -226,7 +226,7 @@ def world_mlm_work(config: WorldMLMConfig | None = None):
     """The training's operations for the time estimate: a step of the small BERT on a
     caption costs about 1.4 text-tower steps of the world CLIP (measured; its vocabulary
     head and Python-side masking make up the difference)."""
-    from .cost import Work
+    from vlbench.cost import Work
 
     config = config or WorldMLMConfig()
     return Work(text_steps=1.4 * config.steps * config.batch_size)
