@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from vlbench.errors import UserError
-from vlbench.io import atomic_write_json, build_once, stable_hash
-from vlbench.paths import cache_dir
+from vlbench.artifacts import artifact_path
+from vlbench.io import atomic_write_json, build_once
 from vlbench.timing import phase
 
 WORLD_MLM = "world"
@@ -215,7 +215,7 @@ def train_world_mlm(config: WorldMLMConfig, progress: bool = True):
 
 
 def _world_mlm_folder(config: WorldMLMConfig) -> Path:
-    return cache_dir() / "world" / f"mlm-{stable_hash(asdict(config))}"
+    return artifact_path("world", asdict(config), trained=True, prefix="mlm-", digits=16)[0]
 
 
 def world_mlm_cached(config: WorldMLMConfig | None = None) -> bool:
@@ -242,7 +242,7 @@ def world_mlm(config: WorldMLMConfig | None = None, force: bool = False, progres
         if not folder.is_dir() or force:
             return None
         try:
-            _load_folder(folder, WORLD_MLM)
+            _shared(str(folder), WORLD_MLM)  # the copy every attack then shares: loaded once
             return folder
         except UserError:
             return None  # damaged: train again

@@ -174,6 +174,7 @@ class APGDCE(_APGD):
 
     paper = "Croce & Hein, ICML 2020 (APGD, Algorithm 1)"
     description = "Auto-PGD on cross-entropy: adaptive step size, momentum, restarts"
+    version = "1"
 
     def runs(self, objective, images):
         labels = objective.labels_for(None)
@@ -186,6 +187,7 @@ class APGDTargeted(_APGD):
 
     paper = "Croce & Hein, ICML 2020 (APGD-T, targeted DLR loss, Eq. 6)"
     description = "Auto-PGD with the targeted DLR loss over the top-9 target classes"
+    version = "1"
 
     @dataclass
     class Params(_APGD.Params):

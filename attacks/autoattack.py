@@ -29,6 +29,7 @@ class AutoAttack(ImageAttack):
 
     paper = "Croce & Hein, ICML 2020 (AutoAttack); CLIP protocol of Schlarmann et al., ICML 2024 (FARE)"
     description = "point-wise worst case over APGD-CE + APGD-T (or the standard four)"
+    version = "1"
     tasks = ("classification",)
 
     @dataclass

@@ -40,6 +40,7 @@ class BertAttack(TextAttack):
     paper = "Li et al., EMNLP 2020 (BERT-Attack); VL variant of Co-Attack (ACM MM 2022) and SGA (ICCV 2023)"
     deterministic = True
     description = "masked-LM word substitutions of the most important words (1-word budget)"
+    version = "1"
 
     @dataclass
     class Params:

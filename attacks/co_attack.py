@@ -31,6 +31,7 @@ class CoAttack(TextThenImagePGDAttack):
 
     paper = "Zhang, Yi, Sang, ACM MM 2022 (Co-Attack)"
     description = "text then image: PGD pushed from the clean image and the adversarial caption"
+    version = "1"
 
     @dataclass
     class Params(TextThenImagePGDAttack.Params):

@@ -21,6 +21,7 @@ class CWMargin(ProjectedGradientAttack):
 
     paper = "Carlini & Wagner, IEEE S&P 2017 (margin loss, Eq. 6); TeCoA attack_CW, Mao et al., ICLR 2023"
     description = "PGD on the CW margin loss (kappa 50), L-inf by default"
+    version = "1"
     tasks = ("classification",)
 
     @dataclass

@@ -49,6 +49,7 @@ class DeepWordBug(TextAttack):
 
     paper = "Gao et al., IEEE S&P Workshops 2018 (DeepWordBug)"
     description = "character swaps/substitutions/deletions/insertions in the most important words"
+    version = "1"
 
     @dataclass
     class Params:

@@ -166,6 +166,7 @@ class FABTargeted(NormBallAttack):
 
     paper = "Croce & Hein, ICML 2020 (FAB, Algorithm 1; targeted FAB-T as in AutoAttack)"
     description = "targeted fast adaptive boundary attack (minimal-norm), AutoAttack's FAB-T"
+    version = "1"
     tasks = ("classification",)
 
     @dataclass

@@ -29,6 +29,7 @@ class MMCoAAttack(MultimodalAttack):
 
     paper = "Zhou et al., arXiv 2404.19287 (MMCoA), evaluation 'both1'"
     description = "image PGD vs clean prompts + BERT-Attack on the class prompts, composed"
+    version = "1"
     tasks = ("classification",)
 
     @dataclass

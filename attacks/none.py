@@ -10,3 +10,4 @@ class Clean(NoAttack):
 
     paper = "-"
     description = "clean inputs (no attack)"
+    version = "1"

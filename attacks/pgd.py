@@ -25,6 +25,7 @@ class PGD(ProjectedGradientAttack):
 
     paper = "Madry et al., ICLR 2018 (PGD); TeCoA evaluation protocol, Mao et al., ICLR 2023"
     description = "projected gradient descent on pixels (L-inf or L2), random start, restarts"
+    version = "1"
 
     def loss(self, objective, images, rows):
         return objective.loss(images, rows)

@@ -41,6 +41,7 @@ class SGA(TextThenImagePGDAttack):
 
     paper = "Lu et al., ICCV 2023 (Set-level Guidance Attack)"
     description = "text (image-guided) → image (caption set + scale set) → text (adversarial-image-guided)"
+    version = "1"
 
     @dataclass
     class Params(TextThenImagePGDAttack.Params):

@@ -50,6 +50,7 @@ class Square(ImageAttack):
 
     paper = "Andriushchenko et al., ECCV 2020 (Square Attack, Algorithm 1)"
     description = "score-based black-box random search with square L-inf updates"
+    version = "1"
     tasks = ("classification",)
 
     @dataclass

@@ -48,6 +48,7 @@ class FARE(AdversarialTrainingDefense):
 
     paper = "Schlarmann et al., ICML 2024 (FARE), Eq. 2"
     description = "unsupervised adversarial fine-tuning: adversarial embedding stays at the original clean one"
+    version = "1"
 
     @dataclass
     class Params(TrainingParams):

@@ -52,6 +52,7 @@ class MMCoA(AdversarialTrainingDefense):
 
     paper = "Zhou et al., arXiv 2404.19287 (MMCoA), §3"
     description = "multimodal contrastive adversarial training of both encoders (image PGD + BERT-Attack)"
+    version = "1"
     training_tasks = ("classification", "retrieval")
 
     @dataclass

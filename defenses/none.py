@@ -9,6 +9,7 @@ class Undefended(Defense):
 
     paper = "-"
     description = "the base model as is (no fine-tuning)"
+    version = "1"
     trains = False
 
     def fit(self, victim, run) -> dict:

@@ -126,3 +126,15 @@ def test_a_local_mlm_loads_from_safetensors_only(tmp_path, safe):
     else:
         with pytest.raises(UserError, match="not available offline"):
             load_masked_lm(str(tmp_path))
+
+
+def test_the_cached_world_mlm_is_read_once_per_process(monkeypatch):
+    import attacks._mlm as mlm
+
+    load_masked_lm("world")  # trained or found in the cache
+    monkeypatch.setattr(mlm, "_loaded", {})
+    reads = []
+    real = mlm._load_folder
+    monkeypatch.setattr(mlm, "_load_folder", lambda *args: reads.append(args) or real(*args))
+    first = load_masked_lm("world")
+    assert load_masked_lm("world") is first and len(reads) == 1

@@ -85,3 +85,20 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
     os.umask(umask)
     for name in ("cell.json", "weights.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_artifact_names_carry_the_schema_and_the_training_codes_version(monkeypatch, tmp_path):
+    from vlbench import artifacts
+
+    monkeypatch.setenv("VLBENCH_CACHE", str(tmp_path))
+    key = {"model": "x", "config": {"steps": 3}}
+    trained, _ = artifacts.artifact_path("checkpoints", key, trained=True, suffix=".safetensors")
+    plain, full = artifacts.artifact_path("augment", key)
+    embeddings = EmbeddingCache(tmp_path / "embeddings").path_for(key)
+    assert trained.parent == tmp_path / "checkpoints" and full == {**key, "schema": artifacts.RESULT_SCHEMA}
+    monkeypatch.setattr(artifacts, "TRAINING_VERSION", "next")
+    assert artifacts.artifact_path("checkpoints", key, trained=True, suffix=".safetensors")[0] != trained
+    assert artifacts.artifact_path("augment", key)[0] == plain
+    monkeypatch.setattr(artifacts, "RESULT_SCHEMA", 99)
+    assert artifacts.artifact_path("augment", key)[0] != plain
+    assert EmbeddingCache(tmp_path / "embeddings").path_for(key) != embeddings

@@ -267,6 +267,8 @@ def test_flags_non_deterministic_attacks(tiny_victim, tmp_path):
 
     @api.attacks.register("unseeded-test")
     class Unseeded(api.ImageAttack):
+        version = "1"
+
         def perturb_images(self, victim, images, objective, generator):
             return (images + 0.01 * torch.rand(images.shape)).clamp(0, 1)  # ignores the generator
 

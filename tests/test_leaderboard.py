@@ -9,11 +9,12 @@ from vlbench.cli import main
 from vlbench.leaderboard import write_leaderboard
 
 
-def result(folder, defense, attack, dataset, task, metrics, subset="s1", n=100):
+def result(folder, defense, attack, dataset, task, metrics, subset="s1", n=100, revision="abc", version="1"):
     cell = f"{defense}__{attack}__{dataset}"
+    config = {"defense": {"name": defense, "version": "1"}, "attack": {"name": attack, "version": version}}
     payload = {"schema": 1, "cell": cell, "defense": defense, "attack": attack, "dataset": dataset,
                "task": task, "metrics": metrics, "n": n, "subset_hash": subset, "seed": 0,
-               "created": "2026-01-01T00:00:00+00:00"}
+               "created": "2026-01-01T00:00:00+00:00", "code_revision": revision, "config": config}
     (folder / f"{cell}.json").write_text(json.dumps(payload))
 
 
@@ -56,6 +57,21 @@ def test_different_subsets_are_flagged(results):
     write_leaderboard(results)
     markdown = (results / "leaderboard.md").read_text()
     assert "a pgd †" in markdown and "different evaluation subsets" in markdown
+
+
+def test_tables_mixing_code_revisions_or_plugin_versions_are_marked(results):
+    write_leaderboard(results)
+    assert "‡" not in (results / "leaderboard.md").read_text()
+    result(results, "vanilla", "pgd", "a", "classification", {"top1": 1.0, "clean_top1": 92.0}, version="2")
+    write_leaderboard(results)
+    markdown = (results / "leaderboard.md").read_text()
+    assert "Mean top-1 (%) over the 2 classification datasets ‡" in markdown and "Every dataset ‡" in markdown
+    assert "r: R@1 (%) image→text / text→image ‡" not in markdown    # its cells are all of one code
+    assert "pgd versions 1, 2" in markdown
+    result(results, "none", "none", "r", "retrieval", {"i2t_R@1": 60.0, "t2i_R@1": 50.0}, revision="def")
+    write_leaderboard(results)
+    markdown = (results / "leaderboard.md").read_text()
+    assert "r: R@1 (%) image→text / text→image ‡" in markdown and "code revisions abc, def" in markdown
 
 
 def test_empty_or_missing_folder_is_a_user_error(tmp_path, capsys):

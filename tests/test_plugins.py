@@ -17,6 +17,7 @@ from vlbench.api import ImageAttack, attacks
 class {cls}(ImageAttack):
     paper = "Test et al. 2026"
     description = "an attack from a {route}"
+    version = "1"
 
     def perturb_images(self, victim, images, objective, generator):
         return images
@@ -84,11 +85,11 @@ def test_entry_point_plugins(tmp_path, monkeypatch):
             # A class entry point is registered lazily under the entry point's name.
             "fake_ep_attack": "from vlbench.api import ImageAttack\n"
                               "class EntryPointAttack(ImageAttack):\n"
-                              "    paper = 'EP 2026'\n    description = 'via entry point'\n",
+                              "    paper = 'EP 2026'\n    description = 'via entry point'\n    version = '1'\n",
             # A module entry point registers itself with the decorator when imported.
             "fake_ep_defense_module": "from vlbench.api import Defense, defenses\n"
                                       "@defenses.register('ep-defense')\n"
-                                      "class EPDefense(Defense):\n    trains = False\n",
+                                      "class EPDefense(Defense):\n    trains = False\n    version = '1'\n",
             "fake_ep_defense_broken": "raise RuntimeError('this plugin is broken')\n",
         },
     )

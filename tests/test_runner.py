@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vlbench import api
+from vlbench.artifacts import RESULT_SCHEMA
 from vlbench.cache import EmbeddingCache
 from vlbench.cli import main
 from vlbench.runner import MatrixConfig, PluginSpec, make_plan, run_matrix
@@ -86,6 +87,7 @@ def test_inapplicable_cells_are_skipped_with_a_reason(tmp_path, world_checkpoint
     @api.attacks.register("classification-only-test")
     class ClassificationOnly(api.ImageAttack):
         tasks = ("classification",)
+        version = "1"
 
         def perturb_images(self, victim, images, objective, generator):
             return images
@@ -115,13 +117,64 @@ def test_sigkill_loses_no_finished_cell_and_leaves_no_partial_file(tmp_path, wor
     finished = cell_files(out)
     assert 2 <= len(finished) < 10, process.stderr.read().decode()[-2000:]
     contents = {f: f.read_text() for f in finished}
-    assert all(json.loads(text)["schema"] == 1 for text in contents.values())
+    assert all(json.loads(text)["schema"] == RESULT_SCHEMA for text in contents.values())
 
     assert subprocess.run(command, capture_output=True, env=os.environ.copy()).returncode == 0
     after = cell_files(out)
     assert len(after) == 10
     assert all(f.read_text() == text for f, text in contents.items())
     assert not list((out / "cells").glob(".*"))
+
+
+def test_a_version_bump_reruns_exactly_the_cells_it_touches(tmp_path, monkeypatch, world_checkpoint_path):
+    from vlbench import artifacts
+
+    cfg = config(tmp_path / "out", world_checkpoint_path,
+                 defenses=[PluginSpec("none", "none"), PluginSpec("tecoa", "tecoa", {"steps": 1})],
+                 attacks=[PluginSpec("none", "none"), PluginSpec("pgd", "pgd"), PluginSpec("apgd-ce", "apgd-ce")])
+    plan = make_plan(cfg)
+    for cell in plan.cells:  # every cell finished
+        cell.path.parent.mkdir(parents=True, exist_ok=True)
+        cell.path.write_text(json.dumps({"schema": RESULT_SCHEMA, "cell": cell.id}))
+    assert make_plan(cfg).todo() == []
+
+    def rerun():
+        return sorted((c.defense_label, c.attack_label, c.dataset) for c in make_plan(cfg).todo())
+
+    everything = sorted((c.defense_label, c.attack_label, c.dataset) for c in plan.cells)
+    with monkeypatch.context() as patch:
+        patch.setattr(api.attacks.get("pgd"), "version", "2")
+        assert rerun() == [cell for cell in everything if cell[1] == "pgd"] and len(rerun()) == 4
+    with monkeypatch.context() as patch:
+        patch.setattr(api.defenses.get("tecoa"), "version", "2")
+        assert rerun() == [cell for cell in everything if cell[0] == "tecoa"]
+    with monkeypatch.context() as patch:  # the training code: trained models only
+        patch.setattr(artifacts, "TRAINING_VERSION", "2")
+        assert rerun() == [cell for cell in everything if cell[0] == "tecoa"]
+    with monkeypatch.context() as patch:  # the result schema: everything
+        patch.setattr(artifacts, "RESULT_SCHEMA", 99)
+        assert rerun() == everything
+    assert make_plan(cfg).todo() == []
+
+
+def test_training_data_is_checked_only_for_the_defenses_a_run_trains(tmp_path, monkeypatch, world_checkpoint_path):
+    tecoa = PluginSpec("tecoa", "tecoa", {"steps": 1, "batch_size": 4, "train_datasets": ["world-shape"]})
+    cfg = config(tmp_path / "out", world_checkpoint_path, defenses=[tecoa], attacks=[PluginSpec("none", "none")],
+                 datasets=["world-colour"])
+    run_matrix(cfg, progress=False)  # trains and caches the checkpoint
+    checked = []
+    monkeypatch.setattr(api.defenses.get("tecoa"), "check_training_data", lambda self: checked.append(self.name))
+    cfg.attacks = [PluginSpec("pgd", "pgd", {"steps": 1})]
+    run_matrix(cfg, progress=False)
+    assert checked == []  # its checkpoint is cached: no training data needed
+    cfg.defenses = [PluginSpec("tecoa", "tecoa", {**tecoa.options, "steps": 2})]
+    make_plan(cfg)  # a new config: this one trains, so its data are checked first
+    with monkeypatch.context() as patch:
+        patch.setattr(api.defenses.get("tecoa"), "fit", lambda *a: pytest.fail("trained before the data check"))
+        patch.setattr(api.defenses.get("tecoa"), "check_training_data",
+                      lambda self: (_ for _ in ()).throw(api.UserError("no data", "fix")))
+        with pytest.raises(api.UserError, match="no data"):
+            run_matrix(cfg, progress=False)
 
 
 # -- bad input: one line, exit 2, nothing written -------------------------------------------

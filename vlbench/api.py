@@ -11,12 +11,16 @@ typed parameter set (a dataclass named ``Params`` whose defaults are the paper's
         \"\"\"What it does, with the paper and equation it follows.\"\"\"
         paper = "Author et al., Venue Year"
         description = "one line for `vlbench ls attacks`"
+        version = "1"      # bump when a change alters its results
 
         @dataclass
         class Params:
             eps: float = 4.0   # L-inf radius in 1/255 pixel units
 
         def perturb_images(self, victim, images, objective, generator): ...
+
+``version`` is part of every result cell's and cached checkpoint's identity: bumping it
+recomputes exactly the cells (and trained models) the plugin took part in, and nothing else.
 
 Parameters are checked when the plugin is built from a config: an unknown key, a value of
 the wrong type or one out of range is a one-line :class:`~vlbench.errors.UserError`.
@@ -44,6 +48,8 @@ class Plugin:
     kind: ClassVar[str] = "plugin"
     paper: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: the plugin's code version, declared by every plugin (see the module docstring)
+    version: ClassVar[str] = ""
 
     @dataclasses.dataclass
     class Params:
@@ -56,6 +62,9 @@ class Plugin:
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any] | None) -> "Plugin":
+        if not isinstance(cls.version, str) or not cls.version:
+            raise UserError(f"{cls.kind} {name!r} ({cls.__module__}.{cls.__qualname__}) declares no version",
+                            'add version = "1" to its class, and bump it whenever a change alters its results')
         return cls(name, coerce_params(cls.Params, options or {}, f"{cls.kind} {name!r}"))
 
     def validate(self) -> None:
@@ -66,7 +75,7 @@ class Plugin:
         resource fails the run up front instead of halfway through."""
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "params": dataclasses.asdict(self.params)}
+        return {"name": self.name, "version": self.version, "params": dataclasses.asdict(self.params)}
 
     def pending(self) -> list[tuple[str, Any]]:
         """What :meth:`prepare` will build that is not cached yet, as ``(name, work)`` pairs

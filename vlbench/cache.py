@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from .artifacts import artifact_key
 from .io import atomic_save_tensors, stable_hash
 from .paths import cache_dir
 
@@ -30,7 +31,7 @@ class EmbeddingCache:
         self.misses = 0
 
     def path_for(self, key: dict[str, Any]) -> Path:
-        digest = stable_hash(key, 32)
+        digest = stable_hash(artifact_key(key), 32)
         return self.root / digest[:2] / f"{digest}.safetensors"
 
     def _read(self, path: Path, key_json: str) -> torch.Tensor | None:

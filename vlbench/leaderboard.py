@@ -6,7 +6,9 @@ compact defense × attack summaries (mean top-1 over the classification datasets
 ways per retrieval dataset) and the full pivot of headline metrics: defenses as rows; per
 dataset the clean metric and each attack's robust metric. Values come from the results only.
 Where one column mixes results computed on different evaluation subsets, the column is
-marked and a footnote says so, so numbers from different subsets are never silently compared.
+marked and a footnote says so, so numbers from different subsets are never silently compared;
+likewise a table whose cells come from different code revisions, or from different versions
+of one plugin, is marked ‡ with a footnote naming them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,25 @@ from .tasks import PRIMARY_METRICS
 
 log = logging.getLogger(__name__)
 LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "n", "subset_hash",
-                "seed", "cell", "created"]
+                "seed", "cell", "created", "code_revision", "plugin_versions"]
+
+
+def plugin_versions(config: dict) -> list[str]:
+    """``name@version`` of a cell's defense, attack and the attack's components."""
+    found = []
+
+    def visit(part):
+        if isinstance(part, dict):
+            if "name" in part and "version" in part:
+                found.append(f"{part['name']}@{part['version']}")
+            for key in ("defense", "attack", "components"):
+                visit(part.get(key))
+        elif isinstance(part, list):
+            for item in part:
+                visit(item)
+
+    visit(config)
+    return found
 
 
 def load_results(results_dir: Path) -> list[dict]:
@@ -49,7 +69,9 @@ def read_results(results_dir: Path, results: list[dict] | None = None) -> pd.Dat
             rows.append({"defense": result["defense"], "attack": result["attack"],
                          "dataset": result["dataset"], "task": result["task"], "metric": metric,
                          "value": float(value), "n": result["n"], "subset_hash": result["subset_hash"],
-                         "seed": result.get("seed"), "cell": result["cell"], "created": result.get("created")})
+                         "seed": result.get("seed"), "cell": result["cell"], "created": result.get("created"),
+                         "code_revision": result.get("code_revision"),
+                         "plugin_versions": " ".join(plugin_versions(result.get("config", {})))})
     return pd.DataFrame(rows, columns=LONG_COLUMNS)
 
 
@@ -95,8 +117,35 @@ def pivot(headline: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return table, notes
 
 
-def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Compact defense × attack tables: mean top-1 over the classification datasets (only
+def mixed_code(rows: pd.DataFrame) -> str | None:
+    """What differs in the code behind ``rows``: code revisions, or one plugin's versions."""
+    parts = []
+    revisions = sorted({str(r) for r in rows["code_revision"].dropna()})
+    if len(revisions) > 1:
+        parts.append("code revisions " + ", ".join(revisions))
+    versions: dict[str, set[str]] = {}
+    for entry in " ".join(rows["plugin_versions"].fillna("")).split():
+        name, _, version = entry.rpartition("@")
+        versions.setdefault(name, set()).add(version)
+    parts += [f"{name} versions {', '.join(sorted(v))}" for name, v in sorted(versions.items()) if len(v) > 1]
+    return "; ".join(parts) or None
+
+
+def mark_mixed(tables: list[tuple[str, pd.DataFrame, pd.DataFrame]]) -> tuple[list[tuple[str, pd.DataFrame]], list[str]]:
+    """Mark ‡ each ``(caption, table, rows behind it)`` whose rows come from mixed code."""
+    marked, notes = [], []
+    for caption, table, rows in tables:
+        mixed = mixed_code(rows)
+        if mixed:
+            caption += " ‡"
+            notes.append(f"‡ {caption[:-2]}: its cells come from different code ({mixed}); "
+                         "rerun the older ones before comparing")
+        marked.append((caption, table))
+    return marked, notes
+
+
+def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """``(caption, table, rows)`` of compact defense × attack tables: mean top-1 over the classification datasets (only
     for defenses and attacks that ran on all of them), and each retrieval dataset's R@1 as
     "image→text / text→image"."""
     defenses = _order(headline["defense"], "none")
@@ -114,7 +163,7 @@ def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
             means = rows.groupby("defense")["value"].mean()
             table[_label(attack)] = means.where(complete).reindex(defenses)
         table.index.name = "defense"
-        tables.append((f"Mean top-1 (%) over the {n_datasets} classification datasets", table))
+        tables.append((f"Mean top-1 (%) over the {n_datasets} classification datasets", table, classification))
     retrieval = headline[headline["task"] == "retrieval"]
     for dataset in dict.fromkeys(retrieval["dataset"]):
         rows = retrieval[retrieval["dataset"] == dataset]
@@ -125,7 +174,7 @@ def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                 both = cells["i2t_R@1"].map("{:.1f}".format) + " / " + cells["t2i_R@1"].map("{:.1f}".format)
                 table[_label(attack)] = both.reindex(defenses)
         table.index.name = "defense"
-        tables.append((f"{dataset}: R@1 (%) image→text / text→image", table.fillna("–")))
+        tables.append((f"{dataset}: R@1 (%) image→text / text→image", table.fillna("–"), rows))
     return tables
 
 
@@ -178,17 +227,19 @@ def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> 
     headline = headline_metrics(long)
     table, notes = pivot(headline)
     notes += flags(results)
-    compact = summaries(headline)
+    marked, mixed_notes = mark_mixed([*summaries(headline), ("Every dataset", table, headline)])
+    compact, (full_caption, _) = marked[:-1], marked[-1]
+    notes += mixed_notes
     footer = "".join(f"\n{note}\n" for note in notes)
     title = ("Top-1 accuracy (%) for classification, Recall@1 (%) for retrieval; "
              "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n")
     summary_md = "".join(f"\n**{caption}**\n\n{part.to_markdown(floatfmt='.1f')}\n" for caption, part in compact)
-    full_md = f"\n**Every dataset**\n\n{table.to_markdown(floatfmt='.1f')}\n"
+    full_md = f"\n**{full_caption}**\n\n{table.to_markdown(floatfmt='.1f')}\n"
     atomic_write_text(results_dir / "leaderboard.md", title + summary_md + full_md + footer)
     # labels and notes come from configs and result files: text, never markup
     html_parts = [f"<h3>{html.escape(caption, quote=False)}</h3>\n"
                   + part.to_html(float_format=lambda v: f"{v:.1f}", na_rep="–", escape=True)
-                  for caption, part in [*compact, ("Every dataset", table)]]
+                  for caption, part in [*compact, (full_caption, table)]]
     atomic_write_text(results_dir / "leaderboard.html",
                       "<!doctype html><meta charset='utf-8'><title>vlbench leaderboard</title>\n"
                       f"<p>{html.escape(title.strip(), quote=False)}</p>\n" + "\n".join(html_parts) + "\n"

@@ -32,13 +32,14 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, api, plugins, timing
+from .artifacts import RESULT_SCHEMA, artifact_key, artifact_path
 from .cache import EmbeddingCache
 from .cost import Rates, Work
 from .datasets import EvalData, get_spec, load_dataset, subset_hash, subset_indices
 from .errors import UserError
 from .io import atomic_save_tensors, atomic_write_json, build_once, remove_stale_temporaries, stable_hash
 from .model import WORLD_MODEL, Victim, load_victim
-from .paths import builtin_root, cache_dir
+from .paths import builtin_root
 from .precision import check_precision
 from .progress import progress as progress_bar
 from .schema import check_type
@@ -46,7 +47,6 @@ from .tasks import EvalContext, evaluate
 from .train import TrainingRun
 
 log = logging.getLogger(__name__)
-RESULT_SCHEMA = 1
 
 
 @dataclass
@@ -154,6 +154,16 @@ def is_finished(path: Path) -> bool:
         return False
 
 
+def _base_identity(cfg: MatrixConfig) -> str | None:
+    """What names the base model beyond its config: the world CLIP's checkpoint, whose name
+    carries its pretraining config and the training code's version."""
+    if cfg.model != WORLD_MODEL or cfg.pretrained not in (None, "", "world"):
+        return None
+    from .world.pretrain import PretrainConfig, checkpoint_path as world_path
+
+    return world_path(PretrainConfig(precision=cfg.precision)).stem
+
+
 def make_plan(cfg: MatrixConfig) -> Plan:
     """Resolve every name and parameter, check every dataset, and list the cells."""
     if not (cfg.defenses and cfg.attacks and cfg.datasets):
@@ -176,6 +186,7 @@ def make_plan(cfg: MatrixConfig) -> Plan:
             raise UserError(f"{kind} label {duplicates[0]!r} is used twice",
                             f"give each {kind} entry its own label: key")
     specs = {name: get_spec(name) for name in cfg.datasets}
+    base = _base_identity(cfg)
     cells, skipped = [], []
     out = Path(cfg.out)
     for d_label, defense in defenses:
@@ -185,13 +196,13 @@ def make_plan(cfg: MatrixConfig) -> Plan:
                 if reason:
                     skipped.append((d_label, a_label, name, reason))
                     continue
-                config = {
+                config = artifact_key({
                     "model": cfg.model, "pretrained": cfg.pretrained,
                     "defense": defense.config(), "attack": {**attack.config(), "threat_model": attack.threat_model()},
                     "dataset": name, "split": spec.split, "dataset_options": spec.options,
                     "transform": spec.transform, "limit": cfg.limit, "seed": cfg.seed,
-                    "batch_size": cfg.batch_size, "precision": cfg.precision,
-                }
+                    "batch_size": cfg.batch_size, "precision": cfg.precision, "base": base,
+                }, trained=defense.trains)
                 digest = stable_hash(config, 10)
                 cell_id = f"{_safe(d_label)}__{_safe(a_label)}__{_safe(name)}__{digest}"
                 cells.append(Cell(defense, d_label, attack, a_label, name, spec.task, config, cell_id,
@@ -230,7 +241,7 @@ def checkpoint_path(base: Victim, defense: api.Defense) -> tuple[Path, dict]:
     """Where ``defense`` trained from ``base`` is cached, and the key that names it."""
     key = {"base": base.fingerprint(), "defense": defense.config(), "data": defense.training_data(),
            "precision": base.precision}
-    return cache_dir() / "checkpoints" / f"{_safe(defense.name)}-{stable_hash(key, 20)}.safetensors", key
+    return artifact_path("checkpoints", key, trained=True, prefix=f"{_safe(defense.name)}-", suffix=".safetensors")
 
 
 def obtain_model(base: Victim, defense: api.Defense, progress: bool, label: str | None = None) -> tuple[Victim, dict]:
@@ -364,8 +375,19 @@ def cell_warnings(task: str, metrics: dict[str, float]) -> list[str]:
     return warnings
 
 
+def _without_versions(config):
+    if isinstance(config, dict):
+        return {k: _without_versions(v) for k, v in config.items() if k != "version"}
+    if isinstance(config, list):
+        return [_without_versions(v) for v in config]
+    return config
+
+
 def _cell_seed(seed: int, cell: Cell) -> int:
-    return int(stable_hash({"seed": seed, "dataset": cell.dataset, "attack": cell.config["attack"]}, 8), 16)
+    # A version bump recomputes a cell with the same random draws, so its numbers move only
+    # where the code changed what they mean.
+    attack = _without_versions(cell.config["attack"])
+    return int(stable_hash({"seed": seed, "dataset": cell.dataset, "attack": attack}, 8), 16)
 
 
 def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache | None = None,
@@ -380,13 +402,15 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     todo = plan.todo()
     # Check every dataset loads before spending compute (a missing one is bad input).
     datasets: dict[str, EvalData] = {name: load_dataset(name) for name in {c.dataset for c in todo}}
-    for defense in {id(c.defense): c.defense for c in todo}.values():
-        defense.check_training_data()
     base = None
+    if todo and _pending_pretraining(cfg) is None:
+        base = load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
+    for defense in {id(c.defense): c.defense for c in todo}.values():
+        # only the defenses this run will train: a cached checkpoint needs no training data
+        if defense.trains and (base is None or not checkpoint_path(base, defense)[0].is_file()):
+            defense.check_training_data()
     if report is not None:
         if todo:
-            if _pending_pretraining(cfg) is None:
-                base = load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
             rates = Rates.measure(base if base is not None else _architecture_victim(cfg),
                                   min(cfg.batch_size, 64))
             for line in describe_plan(cfg, plan, todo, datasets, rates, base):

@@ -51,6 +51,7 @@ class NN(AdversarialTrainingDefense):
 
     paper = "Waseda et al., arXiv 2405.18770 (N:N; MAT/MAT+)"
     description = "multimodal adversarial training on image-text pairs with one-to-many augmentation"
+    version = "1"
     training_tasks = ("retrieval",)
 
     @dataclass

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from vlbench.io import atomic_write_json, build_once, stable_hash
-from vlbench.paths import cache_dir
+from vlbench.artifacts import artifact_path
+from vlbench.io import atomic_write_json, build_once
 from vlbench.timing import phase
 from .eda import eda
 
@@ -189,7 +189,7 @@ def cached_bank(victim, data, config: AugmentConfig, progress: bool = True) -> t
     key = {"model": victim.fingerprint(), "precision": victim.precision, "dataset": data.name, "split": data.spec.split,
            "options": data.spec.options, "n": len(data), "config": asdict(config),
            "revision": BANK_REVISION}
-    folder = cache_dir() / "augment" / stable_hash(key, 20)
+    folder, key = artifact_path("augment", key)
 
     def cached() -> Bank | None:
         try:

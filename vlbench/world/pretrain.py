@@ -38,9 +38,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_save_tensors, atomic_write_json, build_once, stable_hash
+from ..artifacts import artifact_path
+from ..io import atomic_save_tensors, atomic_write_json, build_once
 from ..model import WORLD_MODEL, Victim
-from ..paths import cache_dir
 from ..precision import fused_optimizer_kwargs
 from ..progress import progress as progress_bar
 from ..timing import phase
@@ -344,8 +344,8 @@ def pretrain_work(config: PretrainConfig):
 
 # -- the cache ----------------------------------------------------------------------------------
 def checkpoint_path(config: PretrainConfig) -> Path:
-    key = stable_hash({"config": asdict(config), "model": world_model_config()})
-    return cache_dir() / "world" / f"{WORLD_MODEL}-{key}.safetensors"
+    return artifact_path("world", {"config": asdict(config), "model": world_model_config()}, trained=True,
+                         prefix=f"{WORLD_MODEL}-", suffix=".safetensors", digits=16)[0]
 
 
 def _readable(path: Path) -> bool:
