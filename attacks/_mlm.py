@@ -3,7 +3,7 @@
 :func:`load_masked_lm` loads a BERT-style masked LM through transformers from a local folder
 or the Hugging Face cache (``bert-base-uncased`` by default, as in the Co-Attack, SGA and
 MMCoA code), never from the network, or — with the name ``world`` — a small BERT trained on
-the synthetic world's captions, which vlbench trains once (``vlbench world mlm``) and caches
+the synthetic world's captions, which vlbench trains once (``vlbench prepare attack bert-attack``) and caches
 like the world CLIP, so substitutions on the world are meaningful offline.
 
 :class:`MaskedLM` exposes what BERT-Attack needs: words → sub-token spans, the top-k
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from vlbench.errors import UserError
-from vlbench.artifacts import artifact_path
-from vlbench.io import atomic_write_json, build_once
-from vlbench.timing import phase
+from vlbench.monitor.timing import phase
+from vlbench.store.artifacts import artifact_path
+from vlbench.store.files import atomic_write_json, build_once
 
 WORLD_MLM = "world"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -164,7 +164,7 @@ def _world_captions(config: WorldMLMConfig) -> list[str]:
 
 
 def _world_vocabulary(captions: list[str]) -> dict[str, int]:
-    from vlbench.words import split_words
+    from vlbench.evaluation.words import split_words
 
     words = sorted({w for caption in captions for w in split_words(caption)})
     return {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
@@ -174,9 +174,8 @@ def train_world_mlm(config: WorldMLMConfig, progress: bool = True):
     """Train a small BERT on world captions with the standard 80/10/10 MLM masking."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
-    from vlbench.progress import progress as progress_bar
-
-    from vlbench.words import split_words
+    from vlbench.evaluation.words import split_words
+    from vlbench.training.loop import Schedule, fit
 
     torch.manual_seed(config.seed)
     captions = _world_captions(config)
@@ -193,10 +192,11 @@ def train_world_mlm(config: WorldMLMConfig, progress: bool = True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed)
     special = torch.tensor([tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id])
-    model.train()
-    for step in progress_bar(range(config.steps), desc="world MLM", enabled=progress, leave=False):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / 100) * (1 - step / config.steps)
+
+    def lr_at(step: int, group: dict) -> float:  # 100 warmup steps, then linear decay
+        return config.lr * min(1.0, (step + 1) / 100) * (1 - step / config.steps)
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = ids[torch.randint(len(ids), (config.batch_size,), generator=generator)]
         chosen = (torch.rand(batch.shape, generator=generator) < 0.15) & ~torch.isin(batch, special)
         labels = batch.masked_fill(~chosen, -100)
@@ -206,12 +206,11 @@ def train_world_mlm(config: WorldMLMConfig, progress: bool = True):
         swap = chosen & (draw >= 0.8) & (draw < 0.9)
         inputs[swap] = torch.randint(len(SPECIAL_TOKENS), len(tokenizer.vocab), (int(swap.sum()),),
                                      generator=generator)
-        loss = model(input_ids=inputs, attention_mask=batch != tokenizer.pad_token_id, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return tokenizer, model, float(loss.detach())
+        return model(input_ids=inputs, attention_mask=batch != tokenizer.pad_token_id, labels=labels).loss
+
+    summary = fit(model, model.parameters(), Schedule(config.steps, config.lr), loss_at, desc="world MLM",
+                           progress=progress, batch_size=config.batch_size, optimizer=optimizer, lr_at=lr_at)
+    return tokenizer, model, summary["last_loss"]
 
 
 def _world_mlm_folder(config: WorldMLMConfig) -> Path:
@@ -226,7 +225,7 @@ def world_mlm_work(config: WorldMLMConfig | None = None):
     """The training's operations for the time estimate: a step of the small BERT on a
     caption costs about 1.4 text-tower steps of the world CLIP (measured; its vocabulary
     head and Python-side masking make up the difference)."""
-    from vlbench.cost import Work
+    from vlbench.monitor.cost import Work
 
     config = config or WorldMLMConfig()
     return Work(text_steps=1.4 * config.steps * config.batch_size)

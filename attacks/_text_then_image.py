@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vlbench.api import MultimodalAttack, check_range
-from vlbench.components import build_component
-from vlbench.cost import Work
-from vlbench.perturb import linf_pgd
+from vlbench.evaluation.components import build_component
+from vlbench.evaluation.perturb import linf_pgd
+from vlbench.monitor.cost import Work
 
 
 class TextThenImagePGDAttack(MultimodalAttack):

@@ -31,9 +31,17 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
-from vlbench.cost import Work
-from vlbench.perturb import (NormBallAttack, SampleNoise, cross_entropy, into_box, project, random_offset,
-                             targeted_cross_entropy, targeted_dlr)
+from vlbench.evaluation.perturb import (
+    NormBallAttack,
+    SampleNoise,
+    cross_entropy,
+    into_box,
+    project,
+    random_offset,
+    targeted_cross_entropy,
+    targeted_dlr,
+)
+from vlbench.monitor.cost import Work
 
 
 def apgd(images, labels, logits_fn, loss_fn, norm, eps, iterations, rho, noise, stream=0, report=None):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vlbench.api import ImageAttack, attacks, check_range
-from vlbench.components import build_component
 from vlbench.errors import UserError
+from vlbench.evaluation.components import build_component
 
 VERSIONS = {"custom": None, "standard": ["apgd-ce", "apgd-t", "fab-t", "square"]}
 

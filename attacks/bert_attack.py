@@ -28,9 +28,10 @@ from itertools import islice, product
 import torch
 
 from vlbench.api import TextAttack, attacks, check_range
-from vlbench.cost import Work
+from vlbench.evaluation.words import greedy_substitutions, objective_scores, split_words
+from vlbench.monitor.cost import Work
+
 from ._mlm import load_masked_lm
-from vlbench.words import greedy_substitutions, objective_scores, split_words
 
 
 @attacks.register("bert-attack")

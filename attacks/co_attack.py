@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from vlbench.api import attacks
+
 from ._text_then_image import TextThenImagePGDAttack
 
 

@@ -12,7 +12,7 @@ for classification only.
 from dataclasses import dataclass
 
 from vlbench.api import attacks, check_range
-from vlbench.perturb import ProjectedGradientAttack, cw_margin
+from vlbench.evaluation.perturb import ProjectedGradientAttack, cw_margin
 
 
 @attacks.register("cw")

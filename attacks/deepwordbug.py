@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import TextAttack, attacks, check_range
-from vlbench.cost import Work
-from vlbench.words import greedy_substitutions, objective_scores
+from vlbench.evaluation.words import greedy_substitutions, objective_scores
+from vlbench.monitor.cost import Work
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

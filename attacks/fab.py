@@ -60,8 +60,8 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import attacks, check_range
-from vlbench.cost import Work
-from vlbench.perturb import NormBallAttack, SampleNoise, perturbation_norm, random_offset
+from vlbench.evaluation.perturb import NormBallAttack, SampleNoise, perturbation_norm, random_offset
+from vlbench.monitor.cost import Work
 
 
 def project_onto_hyperplane_in_box(points: torch.Tensor, w: torch.Tensor, c: torch.Tensor,

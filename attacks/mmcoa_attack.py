@@ -20,7 +20,7 @@ classify them right.
 from dataclasses import dataclass, field
 
 from vlbench.api import MultimodalAttack, attacks
-from vlbench.components import build_component
+from vlbench.evaluation.components import build_component
 
 
 @attacks.register("mmcoa-attack")

@@ -16,7 +16,7 @@ image, whose other metrics (text→image, R@5, R@10) do not follow from its top-
 """
 
 from vlbench.api import attacks
-from vlbench.perturb import ProjectedGradientAttack
+from vlbench.evaluation.perturb import ProjectedGradientAttack
 
 
 @attacks.register("pgd")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vlbench.api import attacks, check_range
+
 from ._text_then_image import TextThenImagePGDAttack
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import ImageAttack, attacks, check_range
-from vlbench.cost import Work
 from vlbench.errors import UserError
+from vlbench.monitor.cost import Work
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
              (6000, 128), (8000, 256))

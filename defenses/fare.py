@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import check_range, defenses
-from vlbench.losses import embedding_distance
-from vlbench.perturb import SampleNoise, into_box, project, random_start
-from vlbench.train import AdversarialTrainingDefense, TrainingParams, in_eval_mode
+from vlbench.evaluation.perturb import SampleNoise, into_box, project, random_start
+from vlbench.training.defenses import AdversarialTrainingDefense, TrainingParams, in_eval_mode
+from vlbench.training.losses import embedding_distance
 
 
 def momentum_sign_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps: int,
@@ -80,5 +80,5 @@ class FARE(AdversarialTrainingDefense):
             adversarial = in_eval_mode(victim.model, attack)
             return embedding_distance(victim.encode_image(adversarial, normalize=False), target)
 
-        return self.train(victim, run, victim.model.visual.parameters(), loss_at,
+        return self.fit_parameters(victim, run, victim.model.visual.parameters(), loss_at,
                           {"batches": batches.generator, "attack": attack_rng})

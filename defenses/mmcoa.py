@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 from vlbench.api import defenses
-from vlbench.cost import Work
-from vlbench.losses import class_prompt_loss, clip_loss
-from vlbench.tasks import EmbeddingShiftObjective
-from vlbench.train import AdversarialTrainingDefense, TrainingParams, eval_mode
+from vlbench.evaluation.objectives import EmbeddingShiftObjective
+from vlbench.monitor.cost import Work
+from vlbench.training.defenses import AdversarialTrainingDefense, TrainingParams, eval_mode
+from vlbench.training.losses import class_prompt_loss, clip_loss
 
 CAPTION = "This is a photo of a {c}"
 
@@ -111,5 +111,5 @@ class MMCoA(AdversarialTrainingDefense):
             return mmcoa_loss(victim.encode_image(images), adversarial_texts, victim.encode_image(adversarial_images),
                               clean_texts, scale, p.text_weight, p.image_weight)
 
-        return self.train(victim, run, victim.model.parameters(), loss_at,
+        return self.fit_parameters(victim, run, victim.model.parameters(), loss_at,
                           {"batches": batches.generator, "attack": attack_rng})

@@ -16,6 +16,6 @@ class Undefended(Defense):
         return {}
 
     def work(self):
-        from vlbench.cost import Work
+        from vlbench.monitor.cost import Work
 
         return Work()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import defenses
-from vlbench.losses import class_prompt_loss
-from vlbench.train import AdversarialTrainingDefense, ClassPromptParams
+from vlbench.training.defenses import AdversarialTrainingDefense, ClassPromptParams
+from vlbench.training.losses import class_prompt_loss
 
 
 @defenses.register("tecoa")
@@ -49,5 +49,5 @@ class TeCoA(AdversarialTrainingDefense):
                                                                   reduction="none"), attack_rng)
             return class_prompt_loss(victim.encode_image(adversarial), weights, labels, scale)
 
-        return self.train(victim, run, victim.model.visual.parameters(), loss_at,
+        return self.fit_parameters(victim, run, victim.model.visual.parameters(), loss_at,
                           {"batches": batches.generator, "attack": attack_rng})

@@ -13,8 +13,8 @@ once from the base model. Only the image encoder trains. The parameters are TeCo
 """
 
 from vlbench.api import defenses
-from vlbench.losses import class_prompt_loss
-from vlbench.train import ClassPromptParams, TrainingDefense
+from vlbench.training.defenses import ClassPromptParams, TrainingDefense
+from vlbench.training.losses import class_prompt_loss
 
 
 @defenses.register("vanilla")
@@ -35,4 +35,4 @@ class VanillaFineTuning(TrainingDefense):
             return class_prompt_loss(victim.encode_image(batch.images), batch.class_weights, batch.labels,
                                      victim.logit_scale.detach())
 
-        return self.train(victim, run, victim.model.visual.parameters(), loss_at, {"batches": batches.generator})
+        return self.fit_parameters(victim, run, victim.model.visual.parameters(), loss_at, {"batches": batches.generator})

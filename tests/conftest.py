@@ -24,7 +24,7 @@ def tiny_victim():
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from vlbench.model import Victim
+    from vlbench.models.victim import Victim
 
     torch.manual_seed(0)
     model = open_clip.CLIP(
@@ -50,7 +50,7 @@ def world_checkpoint_path():
 
 @pytest.fixture(scope="session")
 def world_victim(world_checkpoint_path):
-    from vlbench.model import WORLD_MODEL, load_victim
+    from vlbench.models.victim import WORLD_MODEL, load_victim
 
     victim = load_victim(WORLD_MODEL, str(world_checkpoint_path))
     victim.requires_grad_(False)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from attacks._mlm import MaskedLM, load_masked_lm
 from vlbench import api
 from vlbench.errors import UserError
-from attacks._mlm import MaskedLM, load_masked_lm
-from vlbench.tasks import EmbeddingShiftObjective
-from vlbench.words import changed_words
+from vlbench.evaluation.objectives import EmbeddingShiftObjective
+from vlbench.evaluation.words import changed_words
 
 # Every position predicts the same logits: the output bias. Hand-checked expectations follow.
 BIAS = {"run": 3.0, "##ing": 2.4, "walk": 1.9, "##ed": 1.2, "blue": 0.5, "green": 0.4,

@@ -3,9 +3,9 @@
 import torch
 from torch.utils.data import TensorDataset
 
-from vlbench.cache import EmbeddingCache
-from vlbench.datasets import DatasetSpec, EvalData
-from vlbench.tasks import EvalContext, cached_classifier, clean_image_embeddings
+from vlbench.data.datasets import DatasetSpec, EvalData
+from vlbench.evaluation.context import EvalContext, cached_classifier, clean_image_embeddings
+from vlbench.store.embeddings import EmbeddingCache
 
 
 def counting(value):
@@ -77,7 +77,7 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
     import os
     import stat
 
-    from vlbench.io import atomic_save_tensors, atomic_write_json
+    from vlbench.store.files import atomic_save_tensors, atomic_write_json
 
     atomic_write_json(tmp_path / "cell.json", {"a": 1})
     atomic_save_tensors(tmp_path / "weights.safetensors", {"w": torch.zeros(2)})
@@ -88,7 +88,7 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
 
 
 def test_artifact_names_carry_the_schema_and_the_training_codes_version(monkeypatch, tmp_path):
-    from vlbench import artifacts
+    from vlbench.store import artifacts
 
     monkeypatch.setenv("VLBENCH_CACHE", str(tmp_path))
     key = {"model": "x", "config": {"steps": 3}}

@@ -3,8 +3,8 @@
 import pytest
 
 from vlbench.cli import build_parser, matrix_config
-from vlbench.paths import builtin_root
-from vlbench.runner import make_plan
+from vlbench.run.matrix import make_plan
+from vlbench.store.paths import builtin_root
 
 
 def plan(name):

@@ -7,9 +7,11 @@ import importlib
 import pytest
 import torch
 
-from vlbench import api, losses
-from vlbench.tasks import classifier_weights
-from vlbench.train import TrainingBatch, TrainingRun
+from vlbench import api
+from vlbench.evaluation.context import classifier_weights
+from vlbench.training import losses
+from vlbench.training.batches import TrainingBatch
+from vlbench.training.loop import TrainingRun
 
 torch.manual_seed(0)
 B, D, C = 6, 8, 4
@@ -120,8 +122,7 @@ def test_mmcoa_on_caption_pairs_attacks_the_captions(tiny_victim, monkeypatch):
 
 def test_training_batches_pair_retrieval_images_with_their_captions(tiny_victim):
     from vlbench.errors import UserError
-    from vlbench.train import TrainingBatches
-    from vlbench.world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
+    from vlbench.training.batches import TrainingBatches
 
     batches = TrainingBatches(tiny_victim, ["world-shape", "world-retrieval"], "test", 4, 0,
                               tasks=("classification", "retrieval"))

@@ -4,8 +4,10 @@ identity, the same seed gives the same output, and it beats no attack."""
 import pytest
 import torch
 
-from vlbench import api, perturb
-from vlbench.tasks import ClassificationObjective, RetrievalObjective, classifier_weights
+from vlbench import api
+from vlbench.evaluation import perturb
+from vlbench.evaluation.context import classifier_weights
+from vlbench.evaluation.objectives import ClassificationObjective, RetrievalObjective
 
 CLASSES = ["red", "green", "blue", "round", "square", "big", "small", "tiny", "huge", "odd"]
 FAST = {"pgd": {"steps": 5}, "cw": {"steps": 5}, "apgd-ce": {"iterations": 10},
@@ -261,9 +263,10 @@ def test_flags_loss_that_never_increases(tiny_victim):
 def test_flags_non_deterministic_attacks(tiny_victim, tmp_path):
     from torch.utils.data import TensorDataset
 
-    from vlbench.cache import EmbeddingCache
-    from vlbench.datasets import DatasetSpec, EvalData
-    from vlbench.tasks import EvalContext, evaluate
+    from vlbench.data.datasets import DatasetSpec, EvalData
+    from vlbench.evaluation.context import EvalContext
+    from vlbench.evaluation.tasks import evaluate
+    from vlbench.store.embeddings import EmbeddingCache
 
     @api.attacks.register("unseeded-test")
     class Unseeded(api.ImageAttack):

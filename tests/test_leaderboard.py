@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from vlbench.cli import main
-from vlbench.leaderboard import write_leaderboard
+from vlbench.reporting.leaderboard import write_leaderboard
 
 
 def result(folder, defense, attack, dataset, task, metrics, subset="s1", n=100, revision="abc", version="1"):

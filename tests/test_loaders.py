@@ -1,6 +1,6 @@
 """Loaders of the real dataset formats, on tiny files written in those formats.
 
-Every test goes through the registry (``vlbench.datasets.load_dataset``) with the dataset's
+Every test goes through the registry (``vlbench.data.datasets.load_dataset``) with the dataset's
 root pointed at a fixture by ``$VLBENCH_ROOT_<NAME>``; tests that need fewer classes than the
 shipped card lists use a one-entry card (``$VLBENCH_DATASETS_FILE``) copied from the shipped
 entry with only its class names changed.
@@ -17,13 +17,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from fixtures_formats import (
-    write_cifar10, write_cifar100, write_flowers102, write_image_folder, write_jpeg, write_karpathy,
-    write_pcam, write_stanford_cars, write_stl10,
+    write_cifar10,
+    write_cifar100,
+    write_flowers102,
+    write_image_folder,
+    write_jpeg,
+    write_karpathy,
+    write_pcam,
+    write_stanford_cars,
+    write_stl10,
 )
-from vlbench.builtin_loaders import RestrictedUnpickler, clean_classname
-from vlbench.datasets import DatasetMissing, env_root_variable, load_card, load_dataset, loaders
+
+from vlbench.data.datasets import DatasetMissing, env_root_variable, load_card, load_dataset, loaders
+from vlbench.data.formats import RestrictedUnpickler, clean_classname
 from vlbench.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +90,7 @@ def targets(data) -> list[int]:
 # -- the shipped card -----------------------------------------------------------------------------
 def test_shipped_card_declares_the_real_datasets():
     specs = load_card(SHIPPED)
-    import vlbench.builtin_loaders  # noqa: F401  (registers the loaders)
+    import vlbench.data.formats  # noqa: F401  (registers the loaders)
 
     for name, count in CLASSIFICATION_COUNTS.items():
         spec = specs[name]
@@ -416,7 +423,7 @@ def unchecked(cls):
 
 def same_as_torchvision(data, reference) -> None:
     """Every label and every pixel as torchvision reads them (through the card's transform)."""
-    from vlbench.datasets import build_transform
+    from vlbench.data.datasets import build_transform
 
     transform = build_transform(data.spec.transform)
     assert len(data) == len(reference) > 0

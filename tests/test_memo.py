@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from vlbench import api
-from vlbench.cache import EmbeddingCache
-from vlbench.datasets import load_dataset, subset_indices
-from vlbench.tasks import EvalContext, evaluate
+from vlbench.data.datasets import load_dataset, subset_indices
+from vlbench.evaluation.context import EvalContext
+from vlbench.evaluation.tasks import evaluate
+from vlbench.store.embeddings import EmbeddingCache
 
 WORLD_TEXT = {"mlm": "world", "budget": 1}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlbench.errors import UserError
-from vlbench.model import WORLD_MODEL, load_victim
+from vlbench.models.victim import WORLD_MODEL, load_victim
 
 
 def test_images_of_any_resolution_are_resized_inside(world_victim):

@@ -8,10 +8,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from vlbench import api
-from vlbench.cache import EmbeddingCache
-from vlbench.datasets import DatasetSpec, EvalData, get_spec, loaders
-from vlbench.world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
-from vlbench.tasks import EvalContext, MultimodalProblem, evaluate
+from vlbench.data.datasets import DatasetSpec, EvalData, get_spec, loader_for
+from vlbench.evaluation.context import EvalContext
+from vlbench.evaluation.objectives import MultimodalProblem
+from vlbench.evaluation.tasks import evaluate
+from vlbench.store.embeddings import EmbeddingCache
 
 TEXT = {"text_attack": "deepwordbug", "text_params": {"budget": 1}}
 RETRIEVAL = {"co-attack": {"eps": 8, "step_size": 2}, "sga": {"eps": 8, "step_size": 2, "steps": 4}}
@@ -30,7 +31,7 @@ def retrieval_data():
 
 @pytest.fixture(scope="module")
 def classification_data(tiny_victim):
-    from vlbench.tasks import classifier_weights
+    from vlbench.evaluation.context import classifier_weights
 
     torch.manual_seed(3)
     images = torch.rand(12, 3, 32, 32)
@@ -53,7 +54,7 @@ def build(name, **params):
 def world_retrieval():
     """12 test scenes of the world's retrieval task, 5 captions each."""
     spec = dataclasses.replace(get_spec("world-retrieval"), options={"n": 12})
-    loaded = loaders.get(spec.loader)(spec, None, None)
+    loaded = loader_for(spec)(spec, None, None)
     return EvalData(spec, loaded.images, None, None, loaded.captions)
 
 
@@ -113,7 +114,7 @@ def test_component_of_wrong_modality_is_a_user_error():
 
 
 def test_attack_success_rates_use_both_definitions():
-    from vlbench.tasks import attack_success_rates
+    from vlbench.evaluation.metrics import attack_success_rates
 
     clean = {"i2t_R@1": torch.tensor([True, True, True, True, False])}
     attacked = {"i2t_R@1": torch.tensor([True, False, False, False, True])}

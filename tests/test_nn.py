@@ -8,14 +8,13 @@ import random
 import pytest
 import torch
 
-from vlbench import api
 from defenses.nn.bank import AugmentConfig, build_bank, cached_bank
-from vlbench.datasets import EvalData, get_spec, loaders
-from defenses.nn.generators import WorldCaptioner, WorldPainter
-from vlbench.world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
-from vlbench.train import TrainingRun
 from defenses.nn.eda import eda
-from vlbench.words import split_words
+from defenses.nn.generators import WorldCaptioner, WorldPainter
+from vlbench import api
+from vlbench.data.datasets import EvalData, get_spec, loader_for
+from vlbench.evaluation.words import split_words
+from vlbench.training.loop import TrainingRun
 
 
 def is_subsequence(short: list[str], long: list[str]) -> bool:
@@ -59,7 +58,7 @@ def test_eda_operations_do_what_wei_and_zou_define():
 def small_retrieval():
     """24 training scenes of the world's retrieval task."""
     spec = dataclasses.replace(get_spec("world-retrieval"), split="train", options={"n": 24})
-    loaded = loaders.get(spec.loader)(spec, None, None)
+    loaded = loader_for(spec)(spec, None, None)
     return EvalData(spec, loaded.images, None, None, loaded.captions)
 
 

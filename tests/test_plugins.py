@@ -25,7 +25,7 @@ class {cls}(ImageAttack):
 
 
 def test_builtins_are_discovered():
-    plugins.load_all()
+    api.discover()
     assert {"none", "pgd"} <= set(api.attacks.names())
     assert {"none", "vanilla"} <= set(api.defenses.names())
 
@@ -96,8 +96,8 @@ def test_entry_point_plugins(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         with pytest.warns(plugins.PluginWarning, match="this plugin is broken"):
-            plugins.load_entry_points("defenses")
-        plugins.load_entry_points("attacks")
+            plugins.load_entry_points("defenses", api.defenses)
+        plugins.load_entry_points("attacks", api.attacks)
         assert "ep-defense" in api.defenses
         cls = api.attacks.get("ep-attack")
         assert cls.__name__ == "EntryPointAttack" and cls.description == "via entry point"
@@ -199,7 +199,7 @@ def test_builtins_register_lazily_and_import_their_helpers(tmp_path, monkeypatch
     import sys
 
     try:
-        plugins.load_builtin("attacks")
+        plugins.load_builtin("attacks", api.attacks)
         assert "lazy-one" in api.attacks and "vlbench_test_attacks.lazy_one" not in sys.modules
         cls = api.attacks.get("lazy-one")
         assert cls.paper == "helper" and cls.__module__ == "vlbench_test_attacks.lazy_one"
@@ -220,7 +220,7 @@ def test_a_broken_builtin_is_an_error_with_its_traceback(tmp_path, monkeypatch, 
     monkeypatch.setattr(plugins, "_loaded_sources", set())
     try:
         with pytest.raises(error) as raised:
-            plugins.load_builtin("attacks")
+            plugins.load_builtin("attacks", api.attacks)
             api.attacks.get("broken-one")
         assert "broken_one.py" in "".join(str(entry.path) for entry in raised.traceback) + str(raised.value)
     finally:

@@ -4,9 +4,9 @@ the precision part of every identity."""
 import pytest
 import torch
 
-from vlbench import precision
 from vlbench.errors import UserError
-from vlbench.runner import MatrixConfig, PluginSpec, make_plan
+from vlbench.models import precision
+from vlbench.run.matrix import MatrixConfig, PluginSpec, make_plan
 
 
 def test_fp32_is_accepted_everywhere_and_autocast_is_a_no_op():
@@ -71,7 +71,7 @@ def test_fp16_training_scales_the_loss_and_still_learns(tiny_victim):
     """The CUDA fp16 path (autocast and a gradient scaler) on a CPU, on a tiny model."""
     import copy
 
-    from vlbench.train import Schedule, run_training
+    from vlbench.training.loop import Schedule, fit
 
     victim = copy.deepcopy(tiny_victim)
     victim.precision = "fp16"
@@ -83,7 +83,7 @@ def test_fp16_training_scales_the_loss_and_still_learns(tiny_victim):
 
     with torch.no_grad():
         before = loss_at(0).item()
-    summary = run_training(victim.model, victim.model.visual.parameters(), Schedule(steps=30, lr=1e-2),
+    summary = fit(victim.model, victim.model.visual.parameters(), Schedule(steps=30, lr=1e-2),
                            loss_at, progress=False, precision="fp16")
     assert precision.grad_scaler("fp16") is not None and precision.grad_scaler("bf16") is None
     assert summary["last_loss"] < before

@@ -3,7 +3,7 @@ by phase a run prints at its end."""
 
 import io
 
-from vlbench import progress, timing
+from vlbench.monitor import progress, timing
 
 
 def test_line_progress_prints_whole_lines_at_most_every_interval(monkeypatch):

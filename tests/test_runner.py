@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from vlbench import api
-from vlbench.artifacts import RESULT_SCHEMA
-from vlbench.cache import EmbeddingCache
 from vlbench.cli import main
-from vlbench.runner import MatrixConfig, PluginSpec, make_plan, run_matrix
+from vlbench.run.matrix import MatrixConfig, PluginSpec, make_plan, run_matrix
+from vlbench.store.artifacts import RESULT_SCHEMA
+from vlbench.store.embeddings import EmbeddingCache
 
 REQUIRED_KEYS = {"schema", "cell", "defense", "attack", "dataset", "task", "config", "metrics", "n",
                  "subset_hash", "seed", "versions", "code_revision", "timings", "warnings", "adjustments"}
@@ -127,7 +127,7 @@ def test_sigkill_loses_no_finished_cell_and_leaves_no_partial_file(tmp_path, wor
 
 
 def test_a_version_bump_reruns_exactly_the_cells_it_touches(tmp_path, monkeypatch, world_checkpoint_path):
-    from vlbench import artifacts
+    from vlbench.store import artifacts
 
     cfg = config(tmp_path / "out", world_checkpoint_path,
                  defenses=[PluginSpec("none", "none"), PluginSpec("tecoa", "tecoa", {"steps": 1})],
@@ -272,7 +272,7 @@ def test_a_run_reports_its_plan_first_and_its_time_by_phase_last(tmp_path, world
 
 
 def test_rates_are_measured_on_a_copy(world_victim):
-    from vlbench.cost import Rates, Work
+    from vlbench.monitor.cost import Rates, Work
 
     fingerprint = world_victim.fingerprint()
     world_victim.weights_changed()
@@ -285,9 +285,8 @@ def test_rates_are_measured_on_a_copy(world_victim):
 
 
 def test_every_builtin_plugin_states_its_work():
-    from vlbench import plugins
 
-    plugins.load_all()
+    api.discover()
     for name in api.attacks.names():
         attack = api.build("attacks", name)
         for task in attack.tasks:

@@ -13,10 +13,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from vlbench import api
-from vlbench.cache import EmbeddingCache
-from vlbench.datasets import DatasetSpec, EvalData
-from vlbench.perturb import SampleNoise
-from vlbench.tasks import ClassificationObjective, EvalContext, classifier_weights, clean_image_embeddings
+from vlbench.data.datasets import DatasetSpec, EvalData
+from vlbench.evaluation.context import EvalContext, classifier_weights, clean_image_embeddings
+from vlbench.evaluation.objectives import ClassificationObjective
+from vlbench.evaluation.perturb import SampleNoise
+from vlbench.store.embeddings import EmbeddingCache
 
 
 def best_of(fn, rounds=3):
@@ -102,7 +103,8 @@ def test_world_pretraining_step_against_a_bare_open_clip_step(benchmark):
     against a bare open_clip forward/backward/AdamW step on a batch prepared beforehand."""
     import open_clip
 
-    from vlbench.world.pretrain import PretrainConfig, Pretraining, world_model_config
+    from vlbench.models.victim import world_model_config
+    from vlbench.world.pretrain import PretrainConfig, Pretraining
 
     config = PretrainConfig(n_train=2000, steps=10_000, warmup=1, text_frozen_steps=0)
     run = Pretraining(config)
@@ -125,10 +127,10 @@ def test_world_pretraining_step_against_a_bare_open_clip_step(benchmark):
 def test_matrix_cell_overhead_against_evaluating_directly(benchmark, tmp_path, world_checkpoint_path):
     """One pgd cell through ``run_matrix`` (plan, model load, result file) against calling
     the evaluator on the same data with the same attack."""
-    from vlbench.datasets import load_dataset, subset_indices
-    from vlbench.model import WORLD_MODEL, load_victim
-    from vlbench.runner import MatrixConfig, PluginSpec, run_matrix
-    from vlbench.tasks import evaluate
+    from vlbench.data.datasets import load_dataset, subset_indices
+    from vlbench.evaluation.tasks import evaluate
+    from vlbench.models.victim import WORLD_MODEL, load_victim
+    from vlbench.run.matrix import MatrixConfig, PluginSpec, run_matrix
 
     params = {"eps": 4, "steps": 10, "step_size": 1}
     victim = load_victim(WORLD_MODEL, str(world_checkpoint_path))

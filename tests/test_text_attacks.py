@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from vlbench import api
-from vlbench.tasks import EmbeddingShiftObjective, ImageGuidedTextObjective
-from vlbench.words import changed_words, greedy_substitution, greedy_substitutions, split_words
+from vlbench.evaluation.objectives import EmbeddingShiftObjective, ImageGuidedTextObjective
+from vlbench.evaluation.words import changed_words, greedy_substitution, greedy_substitutions, split_words
 
 TEXT_ATTACKS = ["deepwordbug"]
 PROMPTS = ["a photo of a red circle.", "a small blue square on a striped background.",
@@ -111,7 +111,7 @@ def test_batched_search_makes_the_same_choices_as_one_text_at_a_time():
 
 
 def test_objective_scores_fall_back_to_one_row_at_a_time(tiny_victim):
-    from vlbench.words import objective_scores
+    from vlbench.evaluation.words import objective_scores
 
     class RowOnly:
         def __init__(self, inner):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlbench.train import Schedule, TrainingDiverged, latest_checkpoint, run_training
+from vlbench.training.loop import Schedule, TrainingDiverged, fit, latest_checkpoint
 
 
 def make_model():
@@ -29,7 +29,7 @@ SCHEDULE = Schedule(steps=12, lr=1e-2, weight_decay=1e-4, warmup=3)
 def train(folder, fail_at=None, nan_at=None, every=4):
     model = make_model()
     generator = torch.Generator().manual_seed(1)
-    summary = run_training(model, model.parameters(), SCHEDULE, make_loss(model, generator, fail_at, nan_at),
+    summary = fit(model, model.parameters(), SCHEDULE, make_loss(model, generator, fail_at, nan_at),
                            progress=False, generators={"data": generator}, checkpoint_dir=folder,
                            checkpoint_every=every)
     return model, summary
@@ -68,7 +68,34 @@ def test_frozen_parameters_get_no_gradient_and_do_not_change(tmp_path):
     model = make_model()
     frozen = {k: v.clone() for k, v in model[2].state_dict().items()}
     generator = torch.Generator().manual_seed(1)
-    run_training(model, model[0].parameters(), SCHEDULE, make_loss(model, generator), progress=False)
+    fit(model, model[0].parameters(), SCHEDULE, make_loss(model, generator), progress=False)
     assert all(torch.equal(frozen[k], v) for k, v in model[2].state_dict().items())
     assert all(p.grad is None for p in model[2].parameters())
     assert any(p.grad is not None for p in model[0].parameters())
+
+
+def test_world_pretraining_runs_in_the_one_training_loop():
+    """pretrain() (the shared loop, with the recipe's optimizer, per-group learning rates
+    and temperature cap) gives exactly the weights of stepping the recipe by hand."""
+    from vlbench.world.pretrain import PretrainConfig, Pretraining, pretrain
+
+    config = PretrainConfig(steps=6, n_train=128, batch_size=16, warmup=2, text_frozen_steps=3)
+    looped = pretrain(config, progress=False)
+    by_hand = Pretraining(config)
+    for step in range(config.steps):
+        by_hand.step(step)
+    state = by_hand.victim.model.state_dict()
+    assert looped.keys() == state.keys() and all(torch.equal(looped[k], state[k]) for k in state)
+
+
+def test_the_loop_takes_a_recipes_optimizer_learning_rates_and_step_hook():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    data = torch.randn(8, 3)
+    optimizer = torch.optim.SGD([{"params": [model.weight], "slow": False}, {"params": [model.bias], "slow": True}],
+                                lr=1.0)
+    seen = []
+    fit(model, model.parameters(), Schedule(steps=3, lr=0.1), lambda step: model(data).pow(2).mean(),
+                 progress=False, optimizer=optimizer, lr_at=lambda step, group: 0.01 if group["slow"] else 0.1,
+                 after_step=lambda step: seen.append((step, [g["lr"] for g in optimizer.param_groups])))
+    assert seen == [(0, [0.1, 0.01]), (1, [0.1, 0.01]), (2, [0.1, 0.01])]

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from vlbench.world import scenes as world
-from vlbench.world.scenes import (ATTRIBUTES, TEMPLATES, Scene, describe, random_caption, render,
-                                  sample_scenes, scene_for, scene_from_caption)
+from vlbench.world.scenes import (
+    ATTRIBUTES,
+    TEMPLATES,
+    Scene,
+    describe,
+    random_caption,
+    render,
+    sample_scenes,
+    scene_for,
+    scene_from_caption,
+)
 
 
 # -- scenes ---------------------------------------------------------------------------------------
@@ -113,7 +122,7 @@ def test_scene_from_caption_then_render_is_a_text_to_image_generator():
 
 # -- loaders -------------------------------------------------------------------------------------
 def test_classification_loaders_through_the_registry():
-    from vlbench.datasets import load_dataset
+    from vlbench.data.datasets import load_dataset
 
     for name in ATTRIBUTES:
         data = load_dataset(f"world-{name}")
@@ -127,7 +136,7 @@ def test_classification_loaders_through_the_registry():
 
 
 def test_retrieval_loader_has_five_identifying_captions_per_image():
-    from vlbench.datasets import load_dataset
+    from vlbench.data.datasets import load_dataset
 
     data = load_dataset("world-retrieval")
     assert len(data) == 1000 and len(data.captions) == 1000
@@ -140,7 +149,7 @@ def test_retrieval_loader_has_five_identifying_captions_per_image():
 
 
 def test_loader_options_are_checked():
-    from vlbench.datasets import DatasetSpec
+    from vlbench.data.datasets import DatasetSpec
     from vlbench.errors import UserError
     from vlbench.world.loaders import load_world
 
@@ -158,11 +167,10 @@ TINY = dict(steps=3, n_train=256, batch_size=32, warmup=1)
 def test_model_config_registers_and_creates():
     import open_clip
 
-    from vlbench.model import WORLD_MODEL
-    from vlbench.world.pretrain import register_world_model_config
+    from vlbench.models.victim import WORLD_MODEL, register_model_configs
 
-    register_world_model_config()
-    register_world_model_config()
+    register_model_configs()
+    register_model_configs()
     assert WORLD_MODEL in open_clip.list_models()
     model = open_clip.create_model(WORLD_MODEL).eval()
     tokens = open_clip.get_tokenizer(WORLD_MODEL)(["a red circle."])
@@ -186,7 +194,7 @@ def test_world_checkpoint_is_cached_and_rebuilt_when_truncated(tmp_path, monkeyp
 
     import open_clip
 
-    from vlbench.model import WORLD_MODEL
+    from vlbench.models.victim import WORLD_MODEL
     from vlbench.world import pretrain as pre
 
     monkeypatch.setenv("VLBENCH_CACHE", str(tmp_path))

@@ -35,9 +35,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from .errors import UserError
-from .registry import Registry
-from .schema import check_type
+from vlbench import plugins
+from vlbench.errors import UserError
+from vlbench.registry import Registry
+from vlbench.schema import check_type
 
 MODALITIES = ("none", "image", "text", "multimodal")
 
@@ -79,7 +80,7 @@ class Plugin:
 
     def pending(self) -> list[tuple[str, Any]]:
         """What :meth:`prepare` will build that is not cached yet, as ``(name, work)`` pairs
-        (``work`` a :class:`vlbench.cost.Work`), for the plan a run prints first."""
+        (``work`` a :class:`vlbench.monitor.cost.Work`), for the plan a run prints first."""
         return []
 
 
@@ -111,7 +112,7 @@ class Objective(Protocol):
     ``rows`` optionally names which samples of the batch ``images`` holds (an attack may
     keep working only on the samples that are still correct). Classification objectives
     also offer ``logits(images)``, ``labels_for(rows)`` and ``num_classes`` for attacks with
-    margin losses. ``noise`` (a ``vlbench.perturb.SampleNoise`` or None) keys random draws
+    margin losses. ``noise`` (a ``vlbench.evaluation.perturb.SampleNoise`` or None) keys random draws
     by sample, and ``subset(rows)`` gives the objective of a subset of the batch, noise and all.
     """
 
@@ -162,7 +163,7 @@ class Attack(Plugin):
         return self.__dict__.pop("adjustments", [])
 
     def work(self, task: str, images: int, texts: int, classes: int) -> Any:
-        """The operations one cell runs (a :class:`vlbench.cost.Work`) on ``images`` images
+        """The operations one cell runs (a :class:`vlbench.monitor.cost.Work`) on ``images`` images
         whose task has ``texts`` texts (class prompts or captions) and ``classes`` classes
         (0 for retrieval), for the run's time estimate; None if unknown."""
         return None
@@ -212,7 +213,7 @@ class MultimodalAttack(Attack):
     The task calls ``attack_texts`` once (class prompts or all captions), ``attack_images``
     per image batch with the embeddings of the texts it returned, and ``final_texts`` once
     with the embeddings of all adversarial images (SGA re-attacks the captions against them).
-    ``problem`` (a :class:`vlbench.tasks.MultimodalProblem`) supplies the clean texts and
+    ``problem`` (a :class:`vlbench.evaluation.tasks.MultimodalProblem`) supplies the clean texts and
     embeddings and builds the task's image and text objectives.
     """
 
@@ -236,7 +237,7 @@ class NoAttack(Attack):
     modality = "none"
 
     def work(self, task: str, images: int, texts: int, classes: int) -> Any:
-        from .cost import Work
+        from vlbench.monitor.cost import Work
 
         return Work()
 
@@ -263,28 +264,27 @@ class Defense(Plugin):
         halfway through a run."""
 
     def work(self) -> Any:
-        """The operations ``fit`` runs (a :class:`vlbench.cost.Work`), for the run's time
+        """The operations ``fit`` runs (a :class:`vlbench.monitor.cost.Work`), for the run's time
         estimate; None if unknown."""
         return None
 
     def fit(self, victim, run) -> dict[str, Any]:
         """Train ``victim`` in place; return a summary (losses, timings) for the record.
 
-        ``run`` is a :class:`vlbench.train.TrainingRun`: pass its ``workdir`` and
-        ``checkpoint_every`` to :func:`vlbench.train.run_training` so training checkpoints
+        ``run`` is a :class:`vlbench.training.loop.TrainingRun`: pass its ``workdir`` and
+        ``checkpoint_every`` to :func:`vlbench.training.loop.fit` so training checkpoints
         and resumes.
         """
         raise NotImplementedError
 
 
-def _discover_plugins() -> None:
-    from . import plugins
+def discover(extra_files=()) -> None:
+    """Find every plugin: built-ins, entry points and ``extra_files`` (idempotent)."""
+    plugins.load_all({"attacks": attacks, "defenses": defenses}, extra_files)
 
-    plugins.load_all()
 
-
-attacks: Registry[type[Attack]] = Registry("attack", base=Attack, on_miss=_discover_plugins)
-defenses: Registry[type[Defense]] = Registry("defense", base=Defense, on_miss=_discover_plugins)
+attacks: Registry[type[Attack]] = Registry("attack", base=Attack, on_miss=discover)
+defenses: Registry[type[Defense]] = Registry("defense", base=Defense, on_miss=discover)
 
 
 def registry_for(kind: str) -> Registry:
@@ -293,8 +293,6 @@ def registry_for(kind: str) -> Registry:
 
 def build(kind: str, name: str, options: dict[str, Any] | None = None) -> Plugin:
     """Instantiate the registered plugin ``name`` of ``kind`` ('attacks' or 'defenses')."""
-    from . import plugins
-
-    plugins.load_all()
+    discover()
     cls = registry_for(kind).get(name)
     return cls.from_config(name, options)

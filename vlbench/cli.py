@@ -19,8 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
-from .precision import PRECISIONS
+from vlbench.errors import UserError
+from vlbench.models.precision import PRECISIONS
 
 EPILOG = """examples:
   vlbench run matrix                                   # the synthetic world, default matrix
@@ -95,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_config_path() -> Path:
-    from .paths import builtin_root
+    from vlbench.store.paths import builtin_root
 
     return builtin_root() / "configs" / "world.yaml"
 
 
 def matrix_config(args: argparse.Namespace):
-    from .datasets import read_yaml
-    from .runner import MatrixConfig, select
+    from vlbench.data.datasets import read_yaml
+    from vlbench.run.matrix import MatrixConfig, select
 
     path = args.config or default_config_path()
     if args.config is not None and not args.config.is_file():
@@ -131,10 +131,11 @@ def matrix_config(args: argparse.Namespace):
 def cmd_run_matrix(args: argparse.Namespace) -> int:
     import os
 
-    from . import datasets, plugins
-    from .cache import EmbeddingCache
-    from .leaderboard import write_leaderboard
-    from .runner import run_matrix
+    from vlbench import plugins
+    from vlbench.data import datasets
+    from vlbench.reporting.leaderboard import write_leaderboard
+    from vlbench.run.matrix import run_matrix
+    from vlbench.store.embeddings import EmbeddingCache
 
     if args.data_root:
         os.environ["VLBENCH_DATA"] = str(args.data_root)
@@ -158,14 +159,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     if args.kind == "datasets":
-        from .datasets import get_spec, dataset_names
+        from vlbench.data.datasets import dataset_names, get_spec
 
         rows = [(n, s.task, s.reference or "", s.description) for n in dataset_names() for s in [get_spec(n)]]
         print(tabulate(rows, headers=["name", "task", "reference", "description"]))
         return 0
-    from . import api, plugins
+    from vlbench import api, plugins
 
-    plugins.load_all(args.plugin)
+    api.discover(args.plugin)
     registry = api.registry_for(args.kind)
     rows = []
     for name in registry.names():
@@ -188,7 +189,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .leaderboard import write_leaderboard
+    from vlbench.reporting.leaderboard import write_leaderboard
 
     write_leaderboard(args.results_dir, print_markdown=True)
     return 0
@@ -197,7 +198,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     import yaml
 
-    from . import api, plugins
+    from vlbench import api, plugins
 
     plugins.load_files(args.plugin)
     options = {}
@@ -217,8 +218,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_world(args: argparse.Namespace) -> int:
     import json
 
-    from .precision import check_precision
-    from .world.pretrain import PretrainConfig, world_checkpoint
+    from vlbench.models.precision import check_precision
+    from vlbench.world.pretrain import PretrainConfig, world_checkpoint
 
     path = world_checkpoint(PretrainConfig(precision=check_precision(args.precision)), force=args.force)
     print(path)

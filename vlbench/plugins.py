@@ -34,7 +34,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UserError
+from vlbench.errors import UserError
+from vlbench.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,10 @@ def builtin_modules(kind: str) -> list[tuple[str, Path]]:
     return modules
 
 
-def load_builtin(kind: str) -> None:
-    from . import api
-
+def load_builtin(kind: str, registry: Registry) -> None:
     source = f"built-in {kind}"
     if source in _loaded_sources:
         return
-    registry = api.registry_for(kind)
     for module, path in builtin_modules(kind):
         names = _registered_names(path.read_text(), str(path), kind)
         if not names:  # registered some other way: the module itself must run to tell
@@ -142,10 +140,7 @@ def load_builtin(kind: str) -> None:
     _loaded_sources.add(source)
 
 
-def load_entry_points(kind: str) -> None:
-    from . import api
-
-    registry = api.registry_for(kind)
+def load_entry_points(kind: str, registry: Registry) -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUPS[kind]):
         source = f"entry point {ep.name} = {ep.value}"
         if ep.attr:
@@ -163,9 +158,9 @@ def load_files(paths: Iterable[str | Path]) -> None:
         _load_once(str(path.resolve()), lambda p=path: import_file(p))
 
 
-def load_all(extra_files: Iterable[str | Path] = ()) -> None:
-    """Load every route for both kinds (idempotent)."""
-    for kind in ENTRY_POINT_GROUPS:
-        load_builtin(kind)
-        load_entry_points(kind)
+def load_all(registries: dict[str, Registry], extra_files: Iterable[str | Path] = ()) -> None:
+    """Load every route into ``registries`` (kind -> registry; idempotent)."""
+    for kind, registry in registries.items():
+        load_builtin(kind, registry)
+        load_entry_points(kind, registry)
     load_files(extra_files)

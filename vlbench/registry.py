@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from .errors import UserError
+from vlbench.errors import UserError
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ def _describe_origin(obj: Any) -> str:
         return getattr(obj, "__module__", repr(obj))
 
 
-def _import_target(target: str | EntryPoint) -> Any:
+def import_target(target: str | EntryPoint) -> Any:
     if isinstance(target, EntryPoint):
         return target.load()
     module_name, _, attribute = target.partition(":")
@@ -132,7 +132,7 @@ class Registry(Generic[T]):
         if entry is None:
             raise UnknownNameError(self.unknown_message(name))
         if not entry.loaded:
-            obj = _import_target(entry.target)
+            obj = import_target(entry.target)
             self._check_base(name, obj)
             entry.target, entry.loaded = obj, True
         return entry.target

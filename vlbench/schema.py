@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from .errors import UserError
+from vlbench.errors import UserError
 
 
 class _Mismatch(Exception):

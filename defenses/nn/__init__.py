@@ -16,7 +16,7 @@ captions, run in eval mode. Both encoders and the logit scale train.
 With augmentation (``augment: all`` or a list of pools), each step draws every pair from
 one-to-many and many-to-one pools instead of the dataset's fixed pairs: the image is the
 original or one of its kept augmented images, the text one of its ground-truth captions or
-kept augmented texts (see :mod:`vlbench.augment`: other captions, EDA rewrites, generated
+kept augmented texts (see :mod:`defenses.nn.bank`: other captions, EDA rewrites, generated
 captions; crops, flips, RandAugment, generated images; an alignment filter on the frozen base
 model). ``augment: none`` is plain MAT.
 
@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 import torch
 
 from vlbench.api import defenses
-from .bank import BANK_REVISION, IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
-from vlbench.cost import Work
-from vlbench.datasets import load_dataset
+from vlbench.data.datasets import load_dataset
 from vlbench.errors import UserError
-from vlbench.losses import clip_loss
-from vlbench.tasks import ImageGuidedTextObjective
-from vlbench.train import AdversarialTrainingDefense, TrainingParams, eval_mode
+from vlbench.evaluation.objectives import ImageGuidedTextObjective
+from vlbench.monitor.cost import Work
+from vlbench.training.defenses import AdversarialTrainingDefense, TrainingParams, eval_mode
+from vlbench.training.losses import clip_loss
+
+from .bank import BANK_REVISION, IMAGE_POOLS, TEXT_POOLS, AugmentConfig, cached_bank
 
 
 def mat_loss(adversarial_images, adversarial_texts, logit_scale):
@@ -151,7 +152,7 @@ class NN(AdversarialTrainingDefense):
             text_embeddings = victim.encode_text(victim.tokenize(adversarial_texts))
             return mat_loss(victim.encode_image(adversarial_images), text_embeddings, scale)
 
-        summary = self.train(victim, run, victim.model.parameters(), loss_at,
+        summary = self.fit_parameters(victim, run, victim.model.parameters(), loss_at,
                              {"batches": batches, "attack": attack_rng})
         if bank is not None:
             summary["augmentation"] = bank.stats

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def augment(args: argparse.Namespace) -> None:
     from tabulate import tabulate
 
-    from vlbench.datasets import load_dataset
-    from vlbench.model import WORLD_MODEL, load_victim
+    from vlbench.data.datasets import load_dataset
+    from vlbench.models.victim import WORLD_MODEL, load_victim
 
     if args.data_root:
         os.environ["VLBENCH_DATA"] = str(args.data_root)
@@ -46,7 +46,12 @@ def augment(args: argparse.Namespace) -> None:
     data = load_dataset(args.dataset, split=args.split)
     if data.task != "retrieval":
         raise UserError(f"{args.dataset} is a {data.task} dataset", "augment a retrieval dataset")
-    victim = load_victim(args.model or WORLD_MODEL, args.pretrained)
+    if args.model in (None, WORLD_MODEL) and not args.pretrained:
+        from vlbench.world.pretrain import world_victim
+
+        victim = world_victim()
+    else:
+        victim = load_victim(args.model or WORLD_MODEL, args.pretrained)
     config = AugmentConfig(tuple(p for p in TEXT_POOLS if p in pools), tuple(p for p in IMAGE_POOLS if p in pools),
                            args.per_pool, args.margin)
     bank, folder = cached_bank(victim, data, config)

@@ -1,5 +1,5 @@
 """The N:N augmentation bank: one-to-many and many-to-one image-text pairs, filtered by
-alignment, computed once and cached (``vlbench augment``).
+alignment, computed once and cached (``python -m defenses.nn``).
 
 For every training image the bank holds extra texts and extra images drawn from pools
 (Waseda et al., arXiv 2405.18770, "Leveraging Many-To-Many Relationships for Defending
@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from vlbench.artifacts import artifact_path
-from vlbench.io import atomic_write_json, build_once
-from vlbench.timing import phase
+from vlbench.monitor.timing import phase
+from vlbench.store.artifacts import artifact_path
+from vlbench.store.files import atomic_write_json, build_once
+
 from .eda import eda
 
 TEXT_POOLS = ("captions", "eda", "captioner")
@@ -110,8 +111,9 @@ def build_bank(victim, data, config: AugmentConfig, progress: bool = True, chunk
     order, so the random draws do not depend on the chunk size), then all of them are
     embedded in a few large batches and filtered row by row.
     """
+    from vlbench.monitor.progress import progress as progress_bar
+
     from .generators import generators_for
-    from vlbench.progress import progress as progress_bar
 
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)  # torchvision's random transforms draw from the global generator

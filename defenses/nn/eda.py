@@ -4,7 +4,7 @@ table of the world's and common caption words."""
 
 from __future__ import annotations
 
-from vlbench.words import STOP_WORDS, join_words, split_words
+from vlbench.evaluation.words import STOP_WORDS, join_words, split_words
 
 # -- EDA: easy data augmentation (Wei & Zou, EMNLP 2019, §2) ----------------------------------
 #: A small built-in thesaurus (WordNet is not available offline): common caption words and the

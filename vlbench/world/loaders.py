@@ -14,9 +14,9 @@ from functools import lru_cache
 import torch
 from torch.utils.data import Dataset
 
-from ..datasets import DatasetSpec, LoadedSplit, loaders
-from ..errors import UserError
-from .scenes import ATTRIBUTES, SPLITS, TEMPLATES, Scene, describe, render, sample_scenes
+from vlbench.data.spec import DatasetSpec, LoadedSplit
+from vlbench.errors import UserError
+from vlbench.world.scenes import ATTRIBUTES, SPLITS, TEMPLATES, Scene, describe, render, sample_scenes
 
 #: Images per classification split (test is what zero-shot tasks evaluate; defenses train on train).
 DEFAULT_SIZES = {"test": 2000, "train": 10000}
@@ -66,7 +66,6 @@ def _options(spec: DatasetSpec, default_n: int) -> tuple[int, int]:
     return n, seed
 
 
-@loaders.register("world")
 def load_world(spec: DatasetSpec, root=None, transform=None) -> LoadedSplit:
     """Zero-shot classification of ``spec.options['attribute']`` over a world split."""
     attribute = spec.options.get("attribute")
@@ -81,7 +80,6 @@ def load_world(spec: DatasetSpec, root=None, transform=None) -> LoadedSplit:
                        templates=list(TEMPLATES[attribute]))
 
 
-@loaders.register("world_retrieval")
 def load_world_retrieval(spec: DatasetSpec, root=None, transform=None) -> LoadedSplit:
     """Image-text retrieval: a gallery of scenes with pairwise different attribute
     combinations, so each caption (all five attributes named) fits exactly one image."""

@@ -1,9 +1,9 @@
-"""The world's tiny CLIP: its open_clip config, deterministic CPU pretraining, and its cache.
+"""The world's tiny CLIP: deterministic CPU pretraining, its quality metrics, and its cache.
 
-The model is a plain open_clip ``CLIP`` (architecture in ``model_configs/vlbench-world.json``,
+The model is a plain open_clip ``CLIP`` (architecture in ``vlbench/models/configs/vlbench-world.json``,
 registered with open_clip as ``vlbench-world``), pretrained from scratch with the symmetric
 CLIP contrastive loss on rendered train-split scenes paired with :func:`random_caption`.
-Images pass through :class:`vlbench.model.Victim`, so training sees exactly the resize and
+Images pass through :class:`vlbench.models.victim.Victim`, so training sees exactly the resize and
 normalisation that evaluation and attacks use.
 
 Plain CLIP training on this world fails in an instructive way (measured on 2 CPU cores):
@@ -38,16 +38,23 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import artifact_path
-from ..io import atomic_save_tensors, atomic_write_json, build_once
-from ..model import WORLD_MODEL, Victim
-from ..precision import fused_optimizer_kwargs
-from ..progress import progress as progress_bar
-from ..timing import phase
-from .scenes import (ATTRIBUTES, TEMPLATES, Scene, describe, random_caption, render, sample_scenes,
-                     scene_from_caption)
+from vlbench.models.precision import fused_optimizer_kwargs
+from vlbench.models.victim import WORLD_MODEL, Victim, load_victim, register_model_configs, world_model_config
+from vlbench.monitor.timing import phase
+from vlbench.store.artifacts import artifact_path
+from vlbench.store.files import atomic_save_tensors, atomic_write_json, build_once
+from vlbench.training.loop import Schedule, fit, optimizer_step
+from vlbench.world.scenes import (
+    ATTRIBUTES,
+    TEMPLATES,
+    Scene,
+    describe,
+    random_caption,
+    render,
+    sample_scenes,
+    scene_from_caption,
+)
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 RESOLUTION = 32
 
 
@@ -63,7 +70,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     n_train: int = 20000
     seed: int = 0
-    #: The forward pass's precision (:mod:`vlbench.precision`): float32 unless asked;
+    #: The forward pass's precision (:mod:`vlbench.models.precision`): float32 unless asked;
     #: bf16 only where the CPU computes it natively.
     precision: str = "fp32"
     #: Share of each batch drawn as families (see :class:`BatchSampler`): scenes that differ
@@ -87,24 +94,6 @@ class PretrainConfig:
     #: caption per image, the easy attributes (colour, texture) are learned first and
     #: suppress the hard ones.
     attribute_prompts: bool = True
-
-
-_registered = False
-
-
-def register_world_model_config() -> None:
-    """Make ``open_clip.create_model('vlbench-world')`` work (idempotent)."""
-    global _registered
-    import open_clip
-
-    if not _registered or WORLD_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-        _registered = True
-
-
-def world_model_config() -> dict:
-    """The architecture, as open_clip reads it from the JSON file."""
-    return json.loads((MODEL_CONFIG_DIR / f"{WORLD_MODEL}.json").read_text())
 
 
 def build_victim(model_cfg: dict | None = None, precision: str = "fp32") -> Victim:
@@ -256,13 +245,14 @@ class Pretraining:
             return batch, captions, _caption_targets(self.codes[batch], captions)
         return batch, captions, torch.eye(len(batch))
 
-    def step(self, step: int) -> float:
-        """Train step ``step`` on the next batch; returns its loss."""
+    def lr_at(self, step: int, group: dict) -> float:
+        """The learning rate of a parameter group: the text tower's waits, then warms up."""
+        return _lr_at(step, self.config) * (_text_scale(step, self.config) if group["text"] else 1.0)
+
+    def loss_at(self, step: int) -> torch.Tensor:
+        """The contrastive loss of step ``step`` on the next batch."""
         config, victim = self.config, self.victim
         batch, captions, targets = self.batch()
-        for group in self.optimizer.param_groups:
-            scale = _text_scale(step, config) if group["text"] else 1.0
-            group["lr"] = _lr_at(step, config) * scale
         # A frozen text tower needs no gradients: its backward pass is skipped, and its
         # optimiser state starts when it unfreezes.
         for param in self.text_params:
@@ -271,13 +261,20 @@ class Pretraining:
         text_features = victim.encode_text(victim.tokenize(captions))
         logits = victim.logit_scale * image_features @ text_features.T
         # soft cross-entropy: each image's probability mass is shared by the captions true of it
-        loss = (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
+        return (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
                 + F.cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdim=True))) / 2
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+
+    def cap_temperature(self, step: int = 0) -> None:
         with torch.no_grad():  # CLIP's cap on the temperature
-            victim.model.logit_scale.clamp_(0, math.log(100))
+            self.victim.model.logit_scale.clamp_(0, math.log(100))
+
+    def step(self, step: int) -> float:
+        """Train step ``step`` alone (as :func:`pretrain`'s loop runs it); returns its loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step, group)
+        loss = self.loss_at(step)
+        optimizer_step(self.optimizer, loss)
+        self.cap_temperature()
         return loss.item()
 
 
@@ -287,11 +284,16 @@ def pretrain(config: PretrainConfig = PretrainConfig(), progress: bool = True,
     """Pretrain the world CLIP from scratch (:class:`Pretraining`); returns its state dict.
     ``on_step(step, victim)`` is called after every step (for experiments)."""
     run = Pretraining(config, model_cfg)
-    bar = progress_bar(range(config.steps), desc="pretrain world CLIP", enabled=progress, leave=False)
-    for step in bar:
-        bar.set_postfix(loss=f"{run.step(step):.3f}")
+
+    def after_step(step: int) -> None:
+        run.cap_temperature()
         if on_step is not None:
             on_step(step, run.victim)
+
+    model = run.victim.model
+    fit(model, model.parameters(), Schedule(config.steps, config.lr, warmup=config.warmup), run.loss_at,
+                 desc="pretrain world CLIP", progress=progress, batch_size=config.batch_size,
+                 precision=config.precision, optimizer=run.optimizer, lr_at=run.lr_at, after_step=after_step)
     run.victim.eval()
     return {name: tensor.detach().clone() for name, tensor in run.victim.model.state_dict().items()}
 
@@ -306,8 +308,9 @@ def _embed_images(victim: Victim, images: torch.Tensor, batch_size: int = 500) -
 def evaluate_world(victim: Victim) -> dict[str, float]:
     """Zero-shot top-1 (%) per world task and retrieval R@1 (%) both ways on the test split,
     computed by the same functions as the matrix's clean cells."""
-    from ..tasks import classifier_weights, recall_at_k
-    from .loaders import CAPTIONS_PER_IMAGE, DEFAULT_GALLERY, DEFAULT_SIZES, world_split
+    from vlbench.evaluation.context import classifier_weights
+    from vlbench.evaluation.metrics import recall_at_k
+    from vlbench.world.loaders import CAPTIONS_PER_IMAGE, DEFAULT_GALLERY, DEFAULT_SIZES, world_split
 
     was_training = victim.training
     victim.eval()
@@ -334,7 +337,7 @@ def pretrain_work(config: PretrainConfig):
     """The operations of :func:`pretrain`, for a run's time estimate: every step trains the
     image tower on a batch and encodes its captions and up to 90 distinct attribute prompts,
     with gradients once the text tower unfreezes."""
-    from ..cost import Work
+    from vlbench.monitor.cost import Work
 
     texts = config.batch_size + (90 if config.attribute_prompts else 0)
     frozen = min(config.steps, config.text_frozen_steps)
@@ -366,7 +369,7 @@ def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
 
     config = config or PretrainConfig()
     path = checkpoint_path(config)
-    register_world_model_config()
+    register_model_configs()
 
     def cached() -> Path | None:
         return path if not force and path.is_file() and _readable(path) else None
@@ -388,3 +391,9 @@ def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
 
     # one process pretrains; another run sharing the cache waits and then reads its checkpoint
     return build_once(path.with_suffix(".lock"), cached, build, "pretraining the world CLIP")
+
+
+def world_victim(precision: str = "fp32", device: str = "cpu", progress: bool = True) -> Victim:
+    """The pretrained world CLIP (pretrained first if the cache has none)."""
+    path = world_checkpoint(PretrainConfig(precision=precision), progress=progress)
+    return load_victim(WORLD_MODEL, str(path), device, precision=precision)

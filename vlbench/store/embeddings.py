@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from .artifacts import artifact_key
-from .io import atomic_save_tensors, stable_hash
-from .paths import cache_dir
+from vlbench.store.artifacts import artifact_key
+from vlbench.store.files import atomic_save_tensors, stable_hash
+from vlbench.store.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

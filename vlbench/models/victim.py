@@ -20,11 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .io import tensor_fingerprint
-from .precision import autocast
+from vlbench.errors import UserError
+from vlbench.models.precision import autocast
+from vlbench.store.files import tensor_fingerprint
 
 WORLD_MODEL = "vlbench-world"
+#: open_clip architecture configs of vlbench's own models (the world CLIP)
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make ``open_clip.create_model('vlbench-world')`` work (idempotent)."""
+    global _registered
+    import open_clip
+
+    if not _registered or WORLD_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def world_model_config() -> dict:
+    """The world CLIP's architecture, as open_clip reads it from the JSON file."""
+    import json
+
+    return json.loads((MODEL_CONFIG_DIR / f"{WORLD_MODEL}.json").read_text())
 
 
 class TokenRows(dict):
@@ -62,7 +82,7 @@ class Victim(nn.Module):
         self.tokenizer = tokenizer
         self.name = name
         self.pretrained = pretrained
-        #: the forward passes' precision (vlbench.precision); features are always float32
+        #: the forward passes' precision (vlbench.models.precision); features are always float32
         self.precision = precision
         self._token_rows = TokenRows()
         self._trim = _trims_padding(model)
@@ -187,26 +207,23 @@ def load_victim(name: str = WORLD_MODEL, pretrained: str | None = None,
                 device: str | torch.device = "cpu", precision: str = "fp32") -> Victim:
     """Build the victim: an open_clip architecture with a pretrained tag or a checkpoint path.
 
-    With ``name == 'vlbench-world'`` and no ``pretrained``, the world's tiny CLIP is taken
-    from the cache (pretrained on first use, in ``precision``). Nothing is downloaded (see
-    ``HF_HUB_OFFLINE`` in :mod:`vlbench`).
+    The world CLIP's weights are a checkpoint path (:func:`vlbench.world.pretrain.world_victim`
+    finds or pretrains it). Nothing is downloaded (see ``HF_HUB_OFFLINE`` in :mod:`vlbench`).
     """
     import open_clip
 
-    from .world.pretrain import register_world_model_config, world_checkpoint
-
-    register_world_model_config()
+    register_model_configs()
     if name not in open_clip.list_models():
-        from .registry import Registry
+        from vlbench.registry import Registry
 
         known = Registry("model architecture")
         for arch in open_clip.list_models():
             known.register_lazy(arch, "builtins:object")
         raise UserError(known.unknown_message(name), "pass an open_clip architecture to --model")
     if name == WORLD_MODEL and pretrained in (None, "", "world"):
-        from .world.pretrain import PretrainConfig
-
-        pretrained = str(world_checkpoint(PretrainConfig(precision=precision)))
+        raise UserError(f"{WORLD_MODEL} has no pretrained tag: its weights are a checkpoint file",
+                        "pass --pretrained PATH (`vlbench world pretrain` prints it), or leave --pretrained "
+                        "unset in `vlbench run matrix`, which pretrains the world CLIP when needed")
 
     path = Path(pretrained).expanduser() if pretrained else None
     is_file = path is not None and (path.suffix in {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}

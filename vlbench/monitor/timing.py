@@ -37,7 +37,7 @@ def take() -> list[tuple[str, float]]:
 
 def summary(records: list[tuple[str, float]], total: float | None = None) -> str:
     """A table of seconds per phase name (repeated names summed), in first-seen order."""
-    from .progress import clock
+    from vlbench.monitor.progress import clock
 
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import api
-from .errors import UserError
+from vlbench import api
+from vlbench.errors import UserError
 
 
 def build_component(owner: str, name: str, options: dict[str, Any], modality: str | None = None) -> api.Attack:
-    if name not in api.attacks:
-        from . import plugins
-
-        plugins.load_all()
     cls = api.attacks.get(name)
     if modality and cls.modality != modality:
         raise UserError(f"{owner} needs a {modality} attack, but {name!r} is a {cls.modality} attack",

@@ -8,7 +8,7 @@ it finishes and never rewritten, so a rerun skips finished cells and a killed ru
 All names, parameters and datasets are checked before the first cell runs: bad input fails
 with one line and writes nothing. Before any work a run reports its plan (cells to run and
 done, models to build, train or reuse, a time estimate from a warm-up of a second on this
-machine, :mod:`vlbench.cost`), and at its end the time by phase (:mod:`vlbench.timing`).
+machine, :mod:`vlbench.monitor.cost`), and at its end the time by phase (:mod:`vlbench.monitor.timing`).
 """
 
 from __future__ import annotations
@@ -31,20 +31,28 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, api, plugins, timing
-from .artifacts import RESULT_SCHEMA, artifact_key, artifact_path
-from .cache import EmbeddingCache
-from .cost import Rates, Work
-from .datasets import EvalData, get_spec, load_dataset, subset_hash, subset_indices
-from .errors import UserError
-from .io import atomic_save_tensors, atomic_write_json, build_once, remove_stale_temporaries, stable_hash
-from .model import WORLD_MODEL, Victim, load_victim
-from .paths import builtin_root
-from .precision import check_precision
-from .progress import progress as progress_bar
-from .schema import check_type
-from .tasks import EvalContext, evaluate
-from .train import TrainingRun
+from vlbench import __version__, api
+from vlbench.data.datasets import EvalData, get_spec, load_dataset, subset_hash, subset_indices
+from vlbench.errors import UserError
+from vlbench.evaluation.context import EvalContext
+from vlbench.evaluation.tasks import evaluate, tasks
+from vlbench.models.precision import check_precision
+from vlbench.models.victim import WORLD_MODEL, Victim, load_victim
+from vlbench.monitor import timing
+from vlbench.monitor.cost import Rates, Work
+from vlbench.monitor.progress import progress as progress_bar
+from vlbench.schema import check_type
+from vlbench.store.artifacts import RESULT_SCHEMA, artifact_key, artifact_path
+from vlbench.store.embeddings import EmbeddingCache
+from vlbench.store.files import (
+    atomic_save_tensors,
+    atomic_write_json,
+    build_once,
+    remove_stale_temporaries,
+    stable_hash,
+)
+from vlbench.store.paths import builtin_root
+from vlbench.training.loop import TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +92,7 @@ class MatrixConfig:
     batch_size: int = 256
     out: str = "runs/world"
     device: str = "cpu"
-    #: fp32 (default), bf16 or fp16: see vlbench.precision
+    #: fp32 (default), bf16 or fp16: see vlbench.models.precision
     precision: str = "fp32"
 
     @classmethod
@@ -154,12 +162,26 @@ def is_finished(path: Path) -> bool:
         return False
 
 
+def _is_default_world(cfg: MatrixConfig) -> bool:
+    return cfg.model == WORLD_MODEL and cfg.pretrained in (None, "", "world")
+
+
+def load_base(cfg: MatrixConfig) -> Victim:
+    """The base model every defense starts from; the world CLIP is pretrained if needed."""
+    if _is_default_world(cfg):
+        from vlbench.world.pretrain import world_victim
+
+        return world_victim(cfg.precision, cfg.device)
+    return load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
+
+
 def _base_identity(cfg: MatrixConfig) -> str | None:
     """What names the base model beyond its config: the world CLIP's checkpoint, whose name
     carries its pretraining config and the training code's version."""
-    if cfg.model != WORLD_MODEL or cfg.pretrained not in (None, "", "world"):
+    if not _is_default_world(cfg):
         return None
-    from .world.pretrain import PretrainConfig, checkpoint_path as world_path
+    from vlbench.world.pretrain import PretrainConfig
+    from vlbench.world.pretrain import checkpoint_path as world_path
 
     return world_path(PretrainConfig(precision=cfg.precision)).stem
 
@@ -176,7 +198,7 @@ def make_plan(cfg: MatrixConfig) -> Plan:
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a file, not a folder", "name a folder (new or an earlier run's)")
     check_precision(cfg.precision, cfg.device)
-    plugins.load_all()
+    api.discover()
     defenses = [(s.label, api.build("defenses", s.name, s.options)) for s in cfg.defenses]
     attacks = [(s.label, api.build("attacks", s.name, s.options)) for s in cfg.attacks]
     for kind, items in (("defense", defenses), ("attack", attacks)):
@@ -283,9 +305,10 @@ def obtain_model(base: Victim, defense: api.Defense, progress: bool, label: str 
 # -- the plan, as the user sees it before any work starts ---------------------------------
 def _pending_pretraining(cfg: MatrixConfig):
     """The world pretraining this run will do first, or None."""
-    from .world.pretrain import PretrainConfig, checkpoint_path as world_path
+    from vlbench.world.pretrain import PretrainConfig
+    from vlbench.world.pretrain import checkpoint_path as world_path
 
-    if cfg.model != WORLD_MODEL or cfg.pretrained not in (None, "", "world"):
+    if not _is_default_world(cfg):
         return None
     config = PretrainConfig(precision=cfg.precision)
     return None if world_path(config).is_file() else config
@@ -293,18 +316,14 @@ def _pending_pretraining(cfg: MatrixConfig):
 
 def _architecture_victim(cfg: MatrixConfig) -> Victim:
     """A randomly initialised world CLIP, to time operations before its pretraining."""
-    from .world.pretrain import build_victim
+    from vlbench.world.pretrain import build_victim
 
     torch.manual_seed(0)
     return build_victim(precision=cfg.precision).to(cfg.device)
 
 
 def _cell_work(cell: Cell, data: EvalData, indices: list[int]) -> Work | None:
-    if cell.task == "classification":
-        classes = len(data.classnames)
-        texts = classes * len(data.templates)
-    else:
-        classes, texts = 0, sum(len(data.captions[i]) for i in indices)
+    texts, classes = tasks.get(cell.task).sizes(data, indices)
     return cell.attack.work(cell.task, len(indices), texts, classes)
 
 
@@ -312,7 +331,7 @@ def describe_plan(cfg: MatrixConfig, plan: Plan, todo: list[Cell], datasets: dic
                   rates: Rates, base: Victim | None) -> list[str]:
     """A few lines: cells to run and done, what is built, trained or reused, and the time
     estimate from ``rates``."""
-    from .progress import clock
+    from vlbench.monitor.progress import clock
 
     done = len(plan.cells) - len(todo)
     lines = [f"plan: {len(plan.cells)} cells in {cfg.out} ({len(todo)} to run, {done} already done"
@@ -321,7 +340,7 @@ def describe_plan(cfg: MatrixConfig, plan: Plan, todo: list[Cell], datasets: dic
     builds: dict[str, Work] = {}
     pretraining = _pending_pretraining(cfg)
     if pretraining is not None:
-        from .world.pretrain import pretrain_work
+        from vlbench.world.pretrain import pretrain_work
 
         builds["world CLIP pretraining"] = pretrain_work(pretraining)
     plugins_used = {id(p): p for c in todo for p in (c.attack, c.defense)}.values()
@@ -404,7 +423,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     datasets: dict[str, EvalData] = {name: load_dataset(name) for name in {c.dataset for c in todo}}
     base = None
     if todo and _pending_pretraining(cfg) is None:
-        base = load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
+        base = load_base(cfg)
     for defense in {id(c.defense): c.defense for c in todo}.values():
         # only the defenses this run will train: a cached checkpoint needs no training data
         if defense.trains and (base is None or not checkpoint_path(base, defense)[0].is_file()):
@@ -425,7 +444,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     cache = cache or EmbeddingCache()
     revision, versions = code_revision(), library_versions()
     if base is None and todo:
-        base = load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
+        base = load_base(cfg)
     if base is not None:
         base.requires_grad_(False)
     bar = progress_bar(total=len(todo), desc="cells", enabled=progress)

@@ -18,91 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import yaml
 
-from .errors import UserError
-from .io import stable_hash
-from .paths import builtin_root, cache_dir
-from .registry import Registry
-from .schema import check_type
+from vlbench.errors import UserError
+from vlbench.registry import Registry, import_target
+from vlbench.schema import check_type
+from vlbench.store.files import stable_hash
+from vlbench.store.paths import builtin_root, cache_dir
 
-TASKS = ("classification", "retrieval")
-
-#: loader name -> ``fn(spec, root: Path, transform) -> LoadedSplit``
-loaders: Registry[Callable[..., "LoadedSplit"]] = Registry("dataset loader")
-
-
-class DatasetMissing(UserError):
-    """A dataset's files are not where the card says."""
-
-    def __init__(self, name: str, path: Path, source: str | None, what: str = "files"):
-        env = env_root_variable(name)
-        super().__init__(
-            f"dataset {name!r} not found: expected {what} at {path}",
-            f"get it from {source or 'its publisher'} and put it there, or point "
-            f"--dataset-root {name}=PATH (or ${env}) at it",
-        )
-
-
-@dataclass
-class DatasetSpec:
-    """One ``datasets.yaml`` entry."""
-
-    name: str
-    task: str
-    loader: str
-    root: str | None = None
-    split: str = "test"
-    transform: Any = "native"
-    classnames: list[str] | None = None
-    templates: list[str] | None = None
-    source: str | None = None
-    reference: str | None = None
-    description: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def transform_id(self) -> str:
-        return stable_hash(self.transform, 8)
-
-
-@dataclass
-class LoadedSplit:
-    """What a loader returns."""
-
-    images: torch.utils.data.Dataset
-    classnames: list[str] | None = None
-    captions: list[list[str]] | None = None
-    templates: list[str] | None = None
-
-
-@dataclass
-class EvalData:
-    """A dataset ready for evaluation: images plus class prompts or captions."""
-
-    spec: DatasetSpec
-    images: torch.utils.data.Dataset
-    classnames: list[str] | None
-    templates: list[str] | None
-    captions: list[list[str]] | None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def task(self) -> str:
-        return self.spec.task
-
-    def __len__(self) -> int:
-        return len(self.images)
-
+from .spec import TASKS, DatasetMissing, DatasetSpec, EvalData, LoadedSplit, env_root_variable, loaders  # noqa: F401  (the names users import from here)
 
 # -- the card ---------------------------------------------------------------------------
 _FIELDS = set(DatasetSpec.__dataclass_fields__) - {"name"}
@@ -184,10 +113,6 @@ def dataset_names() -> list[str]:
 root_overrides: dict[str, Path] = {}
 
 
-def env_root_variable(name: str) -> str:
-    return "VLBENCH_ROOT_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
-
-
 def data_root() -> Path:
     explicit = os.environ.get("VLBENCH_DATA")
     return Path(explicit).expanduser() if explicit else cache_dir() / "data"
@@ -234,19 +159,24 @@ def build_transform(spec: Any) -> Callable:
 
 
 # -- loading ------------------------------------------------------------------------------
+def loader_for(spec: DatasetSpec) -> Callable[..., LoadedSplit]:
+    """The loader a card entry names: a registered format, or ``module:function``."""
+    from . import formats  # noqa: F401  (registers the loaders of the real formats)
+
+    # the world's loaders are named "module:function" in the card, so this layer knows no
+    # loader beyond the formats it ships
+    return import_target(spec.loader) if ":" in spec.loader else loaders.get(spec.loader)
+
+
 def load_dataset(name: str, split: str | None = None) -> EvalData:
     """Load the dataset named ``name`` from the card, through its registered loader.
 
     ``split`` overrides the card's evaluation split (defenses train on ``train``).
     """
-    from . import builtin_loaders  # noqa: F401  (registers the loaders of the real formats)
-    from .world import loaders as _world_loaders  # noqa: F401  (registers the world loaders)
-
     spec = get_spec(name)
     if split is not None and split != spec.split:
         spec = dataclasses.replace(spec, split=split)
-    loader = loaders.get(spec.loader)
-    loaded = loader(spec, resolve_root(spec), build_transform(spec.transform))
+    loaded = loader_for(spec)(spec, resolve_root(spec), build_transform(spec.transform))
     classnames = spec.classnames or loaded.classnames
     templates = spec.templates or loaded.templates
     if spec.task == "classification":

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UserError
-from .io import atomic_write_text
-from .tasks import PRIMARY_METRICS
+from vlbench.errors import UserError
+from vlbench.evaluation.tasks import PRIMARY_METRICS
+from vlbench.store.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "n", "subset_hash",

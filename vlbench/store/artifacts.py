@@ -5,7 +5,7 @@ Result cells, the world CLIP, the world masked LM, defense checkpoints, N:N augm
 banks and embeddings all take their names from :func:`artifact_key`, which adds the result
 schema to the caller's key (and, for trained artifacts, the version of the training code),
 so a change to what a file means never reuses a file written before it. Builds go through
-:func:`vlbench.io.build_once`, so processes sharing the store build each artifact once.
+:func:`vlbench.store.files.build_once`, so processes sharing the store build each artifact once.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .io import stable_hash
-from .paths import cache_dir
+from vlbench.store.files import stable_hash
+from vlbench.store.paths import cache_dir
 
 #: the layout and meaning of result cells and cached files; bump on any change to either
 RESULT_SCHEMA = 2

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from .errors import UserError
+from vlbench.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT = "fp32"

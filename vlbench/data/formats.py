@@ -1,10 +1,10 @@
-"""Loaders for the real datasets' on-disk formats (registered in :data:`vlbench.datasets.loaders`).
+"""Loaders for the real datasets' on-disk formats (registered in :data:`vlbench.data.datasets.loaders`).
 
 Each loader reads one format from the folder its card entry's ``root`` resolves to and
-returns a :class:`~vlbench.datasets.LoadedSplit` whose images load lazily, one file (or one
+returns a :class:`~vlbench.data.datasets.LoadedSplit` whose images load lazily, one file (or one
 array row) per ``__getitem__``, so ImageNet's 50,000 validation images cost only a file list.
 Nothing is downloaded and no checksum is verified: a missing file raises
-:class:`~vlbench.datasets.DatasetMissing` naming the exact path that was expected.
+:class:`~vlbench.data.datasets.DatasetMissing` naming the exact path that was expected.
 
 The layouts are torchvision's where torchvision defines one, so a torchvision download root
 can serve as the vlbench data root: each card ``root`` is the folder torchvision creates
@@ -80,8 +80,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .datasets import DatasetMissing, DatasetSpec, LoadedSplit, loaders
-from .errors import UserError
+from vlbench.data.spec import DatasetMissing, DatasetSpec, LoadedSplit, loaders
+from vlbench.errors import UserError
 
 #: File suffixes that count as images in class folders (lower-cased).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")

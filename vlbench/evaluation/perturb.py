@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .api import ImageAttack, check_range
-from .cost import Work
-from .errors import UserError
+from vlbench.api import ImageAttack, check_range
+from vlbench.errors import UserError
+from vlbench.monitor.cost import Work
 
 NORMS = ("Linf", "L2")
 _TINY = 1e-12

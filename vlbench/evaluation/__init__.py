@@ -1,0 +1,1 @@
+"""Evaluation: tasks, their objectives and metrics (`tasks`), the geometry and loop image attacks share (`perturb`), word-level text attack search (`words`), attacks built from registered attacks (`components`)."""

@@ -1,0 +1,1 @@
+"""The models under attack: the `Victim` wrapper around an open_clip model and its loading (`victim`), the precision policy (`precision`), open_clip architecture configs of vlbench's own models (`configs/`)."""

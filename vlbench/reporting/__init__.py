@@ -1,0 +1,1 @@
+"""Reporting: leaderboards from result files (`leaderboard`)."""

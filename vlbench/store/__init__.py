@@ -1,0 +1,1 @@
+"""Where vlbench keeps things: atomic files and locks (`files`), the content-addressed artifact store (`artifacts`), the embedding cache (`embeddings`), and the cache and built-in folders (`paths`)."""

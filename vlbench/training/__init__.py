@@ -1,0 +1,1 @@
+"""Training: the one training loop and its checkpoints (`loop`), seeded training batches (`batches`), the bases of the defenses that train (`defenses`), and the losses several defenses use (`losses`)."""
