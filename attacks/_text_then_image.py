@@ -9,7 +9,7 @@ import torch
 
 from vlbench.api import MultimodalAttack, check_range
 from vlbench.evaluation.components import build_component
-from vlbench.evaluation.perturb import linf_pgd
+from vlbench.evaluation.perturb import from_255, linf_pgd
 from vlbench.monitor.cost import Work
 
 
@@ -59,7 +59,7 @@ class TextThenImagePGDAttack(MultimodalAttack):
         return {**super().config(), "components": [self.text.config()]}
 
     def threat_model(self) -> dict:
-        return {"modality": "multimodal", "image": {"norm": "Linf", "eps": self.params.eps / 255,
+        return {"modality": "multimodal", "image": {"norm": "Linf", "eps": from_255(self.params.eps),
                                                     "eps_255": self.params.eps},
                 "text": self.text.threat_model()}
 
@@ -69,4 +69,5 @@ class TextThenImagePGDAttack(MultimodalAttack):
 
     def attack_images(self, problem, rows, images, text_embeddings, generator):
         loss = self.image_loss(problem, rows, text_embeddings.to(images.device), generator)
-        return linf_pgd(images, loss, self.params.eps / 255, self.params.step_size / 255, self.params.steps, generator)
+        p = self.params
+        return linf_pgd(images, loss, from_255(p.eps), from_255(p.step_size), p.steps, generator)

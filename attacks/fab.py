@@ -183,8 +183,6 @@ class FABTargeted(NormBallAttack):
     def validate(self) -> None:
         super().validate()
         owner = f"attack {self.name}"
-        check_range(owner, "iterations", self.params.iterations, 1, 100_000)
-        check_range(owner, "restarts", self.params.restarts, 1, 1000)
         check_range(owner, "alpha_max", self.params.alpha_max, 0, 1)
         check_range(owner, "eta", self.params.eta, 1, 10)
         check_range(owner, "beta", self.params.beta, 0, 1)

@@ -21,6 +21,7 @@ import torch
 
 from vlbench.api import ImageAttack, attacks, check_range
 from vlbench.errors import UserError
+from vlbench.evaluation.perturb import from_255, linf_threat_model
 from vlbench.monitor.cost import Work
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
@@ -74,12 +75,11 @@ class Square(ImageAttack):
         check_range(owner, "p_init", self.params.p_init, 0, 1)
 
     def threat_model(self) -> dict:
-        return {"modality": "image", "norm": "Linf", "eps": self.params.eps / 255, "eps_255": self.params.eps,
-                "access": "scores"}
+        return linf_threat_model(self.params.eps, access="scores")
 
     @torch.no_grad()
     def perturb_images(self, victim, images, objective, generator):
-        eps = self.params.eps / 255
+        eps = from_255(self.params.eps)
         if eps == 0:
             return images.clone()
         labels = objective.labels_for(None)

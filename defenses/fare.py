@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlbench.api import check_range, defenses
-from vlbench.evaluation.perturb import SampleNoise, into_box, project, random_start
+from vlbench.evaluation.perturb import SampleNoise, from_255, into_box, project, random_start
 from vlbench.training.defenses import AdversarialTrainingDefense, TrainingParams, in_eval_mode
 from vlbench.training.losses import embedding_distance
 
@@ -75,7 +75,7 @@ class FARE(AdversarialTrainingDefense):
             def attack():
                 return momentum_sign_pgd(
                     images, lambda x: embedding_distance(victim.encode_image(x, normalize=False), target, "none"),
-                    p.eps / 255, p.attack_step_size / 255, p.attack_steps, p.attack_momentum, attack_rng)
+                    from_255(p.eps), from_255(p.attack_step_size), p.attack_steps, p.attack_momentum, attack_rng)
 
             adversarial = in_eval_mode(victim.model, attack)
             return embedding_distance(victim.encode_image(adversarial, normalize=False), target)

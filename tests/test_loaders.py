@@ -17,17 +17,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fixtures_formats import (
-    write_cifar10,
-    write_cifar100,
-    write_flowers102,
-    write_image_folder,
-    write_jpeg,
-    write_karpathy,
-    write_pcam,
-    write_stanford_cars,
-    write_stl10,
-)
+from fixtures_formats import (write_cifar10, write_cifar100, write_flowers102, write_image_folder, write_jpeg,
+                              write_karpathy, write_pcam, write_stanford_cars, write_stl10)
 
 from vlbench.data.datasets import DatasetMissing, env_root_variable, load_card, load_dataset, loaders
 from vlbench.data.formats import RestrictedUnpickler, clean_classname

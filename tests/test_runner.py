@@ -366,3 +366,11 @@ def test_bad_training_data_is_found_before_any_work(tmp_path, capsys, monkeypatc
     code, err = run_cli(capsys, "--config", str(path), "--out", str(out), "--pretrained", str(world_checkpoint_path))
     assert code == 2 and expected in err and "\n" not in err and "Traceback" not in err
     assert not out.exists() and "plan:" not in err
+
+
+def test_every_task_the_card_allows_is_a_registered_task_class():
+    from vlbench.data.spec import TASKS
+    from vlbench.evaluation.tasks import PRIMARY_METRICS, Task, tasks
+
+    assert set(tasks.names()) == set(TASKS) and set(PRIMARY_METRICS) == set(TASKS)
+    assert all(issubclass(tasks.get(name), Task) and tasks.get(name).primary_metrics for name in TASKS)

@@ -9,17 +9,8 @@ import pytest
 import torch
 
 from vlbench.world import scenes as world
-from vlbench.world.scenes import (
-    ATTRIBUTES,
-    TEMPLATES,
-    Scene,
-    describe,
-    random_caption,
-    render,
-    sample_scenes,
-    scene_for,
-    scene_from_caption,
-)
+from vlbench.world.scenes import (ATTRIBUTES, TEMPLATES, Scene, describe, random_caption, render, sample_scenes,
+                                  scene_for, scene_from_caption)
 
 
 # -- scenes ---------------------------------------------------------------------------------------

@@ -29,6 +29,16 @@ from vlbench.errors import UserError
 from vlbench.monitor.cost import Work
 
 NORMS = ("Linf", "L2")
+
+
+def from_255(value: float) -> float:
+    """An L∞ budget or step given in 1/255 pixel units, as a fraction of the [0, 1] range."""
+    return value / 255
+
+
+def linf_threat_model(eps_255: float, **extra) -> dict:
+    """The record of an L∞ image threat model whose radius is given in 1/255 units."""
+    return {"modality": "image", "norm": "Linf", "eps": from_255(eps_255), "eps_255": eps_255, **extra}
 _TINY = 1e-12
 
 
@@ -228,7 +238,8 @@ def linf_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps:
 class NormBallAttack(ImageAttack):
     """Base of the image attacks bounded by an L∞ or L2 ball: ``params.norm`` and
     ``params.eps`` (L∞: in 1/255 pixel units; L2: a plain L2 norm in [0,1] pixel space) are
-    validated here, and the threat model is reported from them."""
+    validated here, and the threat model is reported from them; so are the iteration budget
+    (``iterations``, ``restarts``) of the attacks whose parameters have one."""
 
     def validate(self) -> None:
         owner = f"attack {self.name}"
@@ -236,17 +247,19 @@ class NormBallAttack(ImageAttack):
             raise UserError(f"{owner} norm {self.params.norm!r} is not supported", f"use one of {NORMS}")
         linf = self.params.norm == "Linf"
         check_range(owner, "eps", self.params.eps, 0, 255 if linf else 1000, "/255" if linf else "")
+        for name, high in (("iterations", 100_000), ("restarts", 1000)):
+            if hasattr(self.params, name):
+                check_range(owner, name, getattr(self.params, name), 1, high)
 
     @property
     def eps(self) -> float:
         """The radius in [0,1] pixel units."""
-        return self.params.eps / 255 if self.params.norm == "Linf" else self.params.eps
+        return from_255(self.params.eps) if self.params.norm == "Linf" else self.params.eps
 
     def threat_model(self) -> dict:
-        model = {"modality": "image", "norm": self.params.norm, "eps": self.eps}
         if self.params.norm == "Linf":
-            model["eps_255"] = self.params.eps
-        return model
+            return linf_threat_model(self.params.eps)
+        return {"modality": "image", "norm": self.params.norm, "eps": self.eps}
 
     def target_count(self, classes: int, asked: int) -> int:
         """How many target classes a targeted attack can use (at most ``classes - 1``),
@@ -282,11 +295,10 @@ class ProjectedGradientAttack(NormBallAttack):
         high = 255 if self.params.norm == "Linf" else 1000
         check_range(owner, "step_size", self.params.step_size, 0, high, unit)
         check_range(owner, "steps", self.params.steps, 0, 100_000)
-        check_range(owner, "restarts", self.params.restarts, 1, 1000)
 
     def radius(self) -> tuple[float, float]:
         """``(eps, step_size)`` in [0,1] pixel units."""
-        scale = 1 / 255 if self.params.norm == "Linf" else 1.0
+        scale = from_255(1) if self.params.norm == "Linf" else 1.0
         return self.eps, self.params.step_size * scale
 
     def loss(self, objective, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

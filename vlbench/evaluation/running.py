@@ -14,7 +14,6 @@ from vlbench.models.victim import Victim
 from vlbench.store.files import tensor_fingerprint
 
 
-
 def perturb_texts(attack: TextAttack, victim: Victim, objective, generator: torch.Generator,
                   memo: EvalMemo | None = None) -> list[str]:
     """Run a text attack and check its output; with ``memo``, a deterministic attack run

@@ -20,23 +20,11 @@ import torch
 from vlbench.api import Attack
 from vlbench.data.datasets import EvalData
 from vlbench.errors import UserError
-from vlbench.evaluation.context import (
-    EvalContext,
-    cached_prompt_embeddings,
-    class_prompts,
-    clean_image_embeddings,
-    data_key,
-    sample_noise,
-    weights_from_prompt_embeddings,
-)
+from vlbench.evaluation.context import (EvalContext, cached_prompt_embeddings, class_prompts, clean_image_embeddings,
+                                        data_key, sample_noise, weights_from_prompt_embeddings)
 from vlbench.evaluation.metrics import attack_success_rates, retrieval_hits, words_changed
-from vlbench.evaluation.objectives import (
-    ClassificationObjective,
-    EmbeddingShiftObjective,
-    ImageGuidedTextObjective,
-    MultimodalProblem,
-    RetrievalObjective,
-)
+from vlbench.evaluation.objectives import (ClassificationObjective, EmbeddingShiftObjective, ImageGuidedTextObjective,
+                                           MultimodalProblem, RetrievalObjective)
 from vlbench.evaluation.running import adversarial_embeddings, attack_texts, run_multimodal
 from vlbench.registry import Registry
 

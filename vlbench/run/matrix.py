@@ -44,13 +44,8 @@ from vlbench.monitor.progress import progress as progress_bar
 from vlbench.schema import check_type
 from vlbench.store.artifacts import RESULT_SCHEMA, artifact_key, artifact_path
 from vlbench.store.embeddings import EmbeddingCache
-from vlbench.store.files import (
-    atomic_save_tensors,
-    atomic_write_json,
-    build_once,
-    remove_stale_temporaries,
-    stable_hash,
-)
+from vlbench.store.files import (atomic_save_tensors, atomic_write_json, build_once, remove_stale_temporaries,
+                                 stable_hash)
 from vlbench.store.paths import builtin_root
 from vlbench.training.loop import TrainingRun
 

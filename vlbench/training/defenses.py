@@ -131,10 +131,10 @@ class AdversarialTrainingDefense(TrainingDefense):
 
     def image_adversary(self, victim, images: torch.Tensor, loss_fn, generator: torch.Generator) -> torch.Tensor:
         """Adversarial images maximising ``loss_fn(x, rows)`` by L∞ PGD, found in eval mode."""
-        from vlbench.evaluation.perturb import linf_pgd
+        from vlbench.evaluation.perturb import from_255, linf_pgd
 
         p = self.params
-        return in_eval_mode(victim.model, lambda: linf_pgd(images, loss_fn, p.eps / 255, p.attack_step_size / 255,
+        return in_eval_mode(victim.model, lambda: linf_pgd(images, loss_fn, from_255(p.eps), from_255(p.attack_step_size),
                                                           p.attack_steps, generator))
 
 

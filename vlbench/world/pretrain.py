@@ -44,16 +44,8 @@ from vlbench.monitor.timing import phase
 from vlbench.store.artifacts import artifact_path
 from vlbench.store.files import atomic_save_tensors, atomic_write_json, build_once
 from vlbench.training.loop import Schedule, fit, optimizer_step
-from vlbench.world.scenes import (
-    ATTRIBUTES,
-    TEMPLATES,
-    Scene,
-    describe,
-    random_caption,
-    render,
-    sample_scenes,
-    scene_from_caption,
-)
+from vlbench.world.scenes import (ATTRIBUTES, TEMPLATES, Scene, describe, random_caption, render, sample_scenes,
+                                  scene_from_caption)
 
 RESOLUTION = 32
 
