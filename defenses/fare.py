@@ -22,7 +22,13 @@ import torch
 from vlbench.api import check_range, defenses
 from vlbench.evaluation.perturb import SampleNoise, from_255, into_box, project, random_start
 from vlbench.training.defenses import AdversarialTrainingDefense, TrainingParams, in_eval_mode
-from vlbench.training.losses import embedding_distance
+
+
+def embedding_distance(embeddings: torch.Tensor, reference: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """FARE's loss (Eq. 2): the squared L2 distance between unnormalised embeddings, summed
+    over dimensions, averaged over the batch (``reduction="none"``: per sample)."""
+    per_sample = ((embeddings - reference) ** 2).sum(dim=-1)
+    return per_sample.mean() if reduction == "mean" else per_sample
 
 
 def momentum_sign_pgd(images: torch.Tensor, loss_fn, eps: float, step_size: float, steps: int,

@@ -5,8 +5,6 @@
 - :func:`clip_loss` — the symmetric in-batch CLIP loss (Radford et al., ICML 2021, Fig. 3),
   summed over both directions: ``CE(s·F Gᵀ, I) + CE(s·G Fᵀ, I)`` with L2-normalised F, G;
   ``positives`` optionally marks several matching columns per row (multi-positive InfoNCE).
-- :func:`embedding_distance` — FARE (Schlarmann et al., ICML 2024, Eq. 2): the squared L2
-  distance between unnormalised embeddings, summed over dimensions, averaged over the batch.
 """
 
 from __future__ import annotations
@@ -35,7 +33,3 @@ def clip_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, log
         return F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)
     return _multi_positive_ce(logits, positives) + _multi_positive_ce(logits.T, positives.T)
 
-
-def embedding_distance(embeddings: torch.Tensor, reference: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    per_sample = ((embeddings - reference) ** 2).sum(dim=-1)
-    return per_sample.mean() if reduction == "mean" else per_sample
