@@ -92,3 +92,8 @@ def test_tokens_are_cached_per_string_and_shared_by_copies(tiny_victim):
     twin = copy.deepcopy(tiny_victim)
     assert twin._token_rows is tiny_victim._token_rows
     assert tiny_victim.tokenize([]).shape[0] == 0
+
+
+def test_the_world_clip_without_a_checkpoint_is_one_line():
+    with pytest.raises(UserError, match="vlbench-world has no pretrained tag"):
+        load_victim(WORLD_MODEL)
