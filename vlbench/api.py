@@ -213,7 +213,7 @@ class MultimodalAttack(Attack):
     The task calls ``attack_texts`` once (class prompts or all captions), ``attack_images``
     per image batch with the embeddings of the texts it returned, and ``final_texts`` once
     with the embeddings of all adversarial images (SGA re-attacks the captions against them).
-    ``problem`` (a :class:`vlbench.evaluation.tasks.MultimodalProblem`) supplies the clean texts and
+    ``problem`` (a :class:`vlbench.evaluation.objectives.MultimodalProblem`) supplies the clean texts and
     embeddings and builds the task's image and text objectives.
     """
 

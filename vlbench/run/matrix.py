@@ -2,7 +2,9 @@
 file per cell.
 
 A cell's identity is a hash of its resolved configuration (model, defense and attack with
-all parameters, dataset, split, subset size, seed, batch size, precision); its result is
+all parameters and versions, dataset, split, subset size, seed, batch size, precision, the
+world CLIP's checkpoint) with the result schema and, for a trained defense, the training
+code's version (:mod:`vlbench.store.artifacts`); its result is
 written atomically to ``<out>/cells/<defense>__<attack>__<dataset>__<hash>.json`` the moment
 it finishes and never rewritten, so a rerun skips finished cells and a killed run loses none.
 All names, parameters and datasets are checked before the first cell runs: bad input fails
