@@ -25,7 +25,6 @@ import ast
 import hashlib
 import importlib
 import importlib.util
-import logging
 import pkgutil
 import sys
 import warnings
@@ -37,9 +36,9 @@ from typing import Iterable
 from vlbench.errors import UserError
 from vlbench.registry import Registry
 
-log = logging.getLogger(__name__)
-
 ENTRY_POINT_GROUPS = {"defenses": "vlbench.defenses", "attacks": "vlbench.attacks"}
+#: the packages holding the built-in plugins, by kind: imported by name, never statically
+BUILTIN_PACKAGES = {"defenses": "defenses", "attacks": "attacks"}
 
 
 @dataclass
@@ -91,10 +90,6 @@ def _load_once(source: str, load) -> None:
         load()
     except Exception as exc:  # a broken plugin must not take the others down
         _report(source, exc)
-
-
-#: the packages holding the built-in plugins, by kind: imported by name, never statically
-BUILTIN_PACKAGES = {"defenses": "defenses", "attacks": "attacks"}
 
 
 def _registered_names(source: str, filename: str, registry_name: str) -> list[tuple[str, str, int]]:

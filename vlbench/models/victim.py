@@ -30,6 +30,11 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _registered = False
 
 
+def is_world_default(name: str, pretrained: str | None) -> bool:
+    """Does (``name``, ``pretrained``) ask for the world CLIP without naming its checkpoint?"""
+    return name == WORLD_MODEL and pretrained in (None, "", "world")
+
+
 def register_model_configs() -> None:
     """Make ``open_clip.create_model('vlbench-world')`` work (idempotent)."""
     global _registered
@@ -220,7 +225,7 @@ def load_victim(name: str = WORLD_MODEL, pretrained: str | None = None,
         for arch in open_clip.list_models():
             known.register_lazy(arch, "builtins:object")
         raise UserError(known.unknown_message(name), "pass an open_clip architecture to --model")
-    if name == WORLD_MODEL and pretrained in (None, "", "world"):
+    if is_world_default(name, pretrained):
         raise UserError(f"{WORLD_MODEL} has no pretrained tag: its weights are a checkpoint file",
                         "pass --pretrained PATH (`vlbench world pretrain` prints it), or leave --pretrained "
                         "unset in `vlbench run matrix`, which pretrains the world CLIP when needed")

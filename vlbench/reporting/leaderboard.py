@@ -137,10 +137,9 @@ def mark_mixed(tables: list[tuple[str, pd.DataFrame, pd.DataFrame]]) -> tuple[li
     for caption, table, rows in tables:
         mixed = mixed_code(rows)
         if mixed:
-            caption += " ‡"
-            notes.append(f"‡ {caption[:-2]}: its cells come from different code ({mixed}); "
+            notes.append(f"‡ {caption}: its cells come from different code ({mixed}); "
                          "rerun the older ones before comparing")
-        marked.append((caption, table))
+        marked.append((caption + " ‡" if mixed else caption, table))
     return marked, notes
 
 

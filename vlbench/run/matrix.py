@@ -39,7 +39,7 @@ from vlbench.errors import UserError
 from vlbench.evaluation.context import EvalContext
 from vlbench.evaluation.tasks import evaluate, tasks
 from vlbench.models.precision import check_precision
-from vlbench.models.victim import WORLD_MODEL, Victim, load_victim
+from vlbench.models.victim import WORLD_MODEL, Victim, is_world_default, load_victim
 from vlbench.monitor import timing
 from vlbench.monitor.cost import Rates, Work
 from vlbench.monitor.progress import progress as progress_bar
@@ -159,13 +159,9 @@ def is_finished(path: Path) -> bool:
         return False
 
 
-def _is_default_world(cfg: MatrixConfig) -> bool:
-    return cfg.model == WORLD_MODEL and cfg.pretrained in (None, "", "world")
-
-
 def load_base(cfg: MatrixConfig) -> Victim:
     """The base model every defense starts from; the world CLIP is pretrained if needed."""
-    if _is_default_world(cfg):
+    if is_world_default(cfg.model, cfg.pretrained):
         from vlbench.world.pretrain import world_victim
 
         return world_victim(cfg.precision, cfg.device)
@@ -175,7 +171,7 @@ def load_base(cfg: MatrixConfig) -> Victim:
 def _base_identity(cfg: MatrixConfig) -> str | None:
     """What names the base model beyond its config: the world CLIP's checkpoint, whose name
     carries its pretraining config and the training code's version."""
-    if not _is_default_world(cfg):
+    if not is_world_default(cfg.model, cfg.pretrained):
         return None
     from vlbench.world.pretrain import PretrainConfig
     from vlbench.world.pretrain import checkpoint_path as world_path
@@ -305,7 +301,7 @@ def _pending_pretraining(cfg: MatrixConfig):
     from vlbench.world.pretrain import PretrainConfig
     from vlbench.world.pretrain import checkpoint_path as world_path
 
-    if not _is_default_world(cfg):
+    if not is_world_default(cfg.model, cfg.pretrained):
         return None
     config = PretrainConfig(precision=cfg.precision)
     return None if world_path(config).is_file() else config
