@@ -69,7 +69,7 @@ class FARE(AdversarialTrainingDefense):
 
     def fit(self, victim, run) -> dict:
         p = self.params
-        batches = self.batches(victim)
+        batches = self.batches(victim, run)
         attack_rng = torch.Generator().manual_seed(p.seed + 1)
         self.reference = copy.deepcopy(victim.model.visual).eval().requires_grad_(False)
 
@@ -87,4 +87,4 @@ class FARE(AdversarialTrainingDefense):
             return embedding_distance(victim.encode_image(adversarial, normalize=False), target)
 
         return self.fit_parameters(victim, run, victim.model.visual.parameters(), loss_at,
-                          {"batches": batches.generator, "attack": attack_rng})
+                          {"attack": attack_rng})

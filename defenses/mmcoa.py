@@ -83,7 +83,7 @@ class MMCoA(AdversarialTrainingDefense):
     def fit(self, victim, run) -> dict:
         p = self.params
         self.prepare()
-        batches = self.batches(victim)
+        batches = self.batches(victim, run)
         attack_rng = torch.Generator().manual_seed(p.seed + 1)
 
         def loss_at(step: int):
@@ -112,4 +112,4 @@ class MMCoA(AdversarialTrainingDefense):
                               clean_texts, scale, p.text_weight, p.image_weight)
 
         return self.fit_parameters(victim, run, victim.model.parameters(), loss_at,
-                          {"batches": batches.generator, "attack": attack_rng})
+                          {"attack": attack_rng})

@@ -37,7 +37,7 @@ class TeCoA(AdversarialTrainingDefense):
 
     def fit(self, victim, run) -> dict:
         p = self.params
-        batches = self.batches(victim)
+        batches = self.batches(victim, run)
         attack_rng = torch.Generator().manual_seed(p.seed + 1)
         scale = victim.logit_scale.detach()
 
@@ -50,4 +50,4 @@ class TeCoA(AdversarialTrainingDefense):
             return class_prompt_loss(victim.encode_image(adversarial), weights, labels, scale)
 
         return self.fit_parameters(victim, run, victim.model.visual.parameters(), loss_at,
-                          {"batches": batches.generator, "attack": attack_rng})
+                          {"attack": attack_rng})

@@ -28,11 +28,11 @@ class VanillaFineTuning(TrainingDefense):
     Params = ClassPromptParams
 
     def fit(self, victim, run) -> dict:
-        batches = self.batches(victim)
+        batches = self.batches(victim, run)
 
         def loss_at(step: int):
             batch = batches.batch(step)
             return class_prompt_loss(victim.encode_image(batch.images), batch.class_weights, batch.labels,
                                      victim.logit_scale.detach())
 
-        return self.fit_parameters(victim, run, victim.model.visual.parameters(), loss_at, {"batches": batches.generator})
+        return self.fit_parameters(victim, run, victim.model.visual.parameters(), loss_at, {})

@@ -87,7 +87,7 @@ SMALL = {"steps": 2, "warmup": 0, "lr": 1e-3, "optimizer": "adamw"}
 def fit(name, tiny_victim, monkeypatch, captions=False, **params):
     victim = copy.deepcopy(tiny_victim)
     defense = api.build("defenses", name, {**SMALL, **params})
-    monkeypatch.setattr(type(defense), "batches", lambda self, v, **_: ToyBatches(v, captions))
+    monkeypatch.setattr(type(defense), "batches", lambda self, v, *_, **__: ToyBatches(v, captions))
     before = {k: v.clone() for k, v in victim.model.state_dict().items()}
     defense.fit(victim, TrainingRun(progress=False))
     changed = {k for k, v in victim.model.state_dict().items() if not torch.equal(v, before[k])}

@@ -11,6 +11,7 @@ Pillow 9 prints deprecation warnings through torchvision, so the floor is 10).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import requires
@@ -22,9 +23,10 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 # the libraries these tests exercise: open_clip, transformers, pandas and tabulate, PyYAML,
-# safetensors, Pillow, scipy and h5py, pytest-benchmark, import-linter
+# safetensors, Pillow, scipy and h5py, pytest-benchmark, import-linter, filelock, submitit
 TESTS = ["tests/test_model.py", "tests/test_bert_attack.py", "tests/test_leaderboard.py", "tests/test_loaders.py",
-         "tests/test_configs.py", "tests/test_text_attacks.py", "tests/test_cache.py", "tests/test_layers.py"]
+         "tests/test_configs.py", "tests/test_text_attacks.py", "tests/test_cache.py", "tests/test_layers.py",
+         "tests/test_claims.py", "tests/test_slurm.py"]
 
 
 def floors() -> list[str]:
@@ -52,6 +54,13 @@ def test_every_requirement_has_one_floor():
 @pytest.mark.slow
 def test_the_floors_install_and_pass(tmp_path):
     venv = tmp_path / "venv"
+    try:
+        _install_and_test(venv)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)  # several GB (torch): pytest keeps its temp folders
+
+
+def _install_and_test(venv):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     installed = subprocess.run([*pip, *floors()], capture_output=True, text=True)

@@ -2,6 +2,8 @@
 
     vlbench run matrix [--config FILE] [--defenses A,B] [--attacks A,B] [--datasets A,B]
                        [--limit N] [--out DIR] [--seed N] [--device cpu|cuda]
+                       [--executor local|slurm] [--workers N] [--shard I/N] [--retry-failed]
+    vlbench status RESULTS_DIR
     vlbench ls defenses|attacks|datasets
     vlbench leaderboard RESULTS_DIR
     vlbench world pretrain [--force]
@@ -28,6 +30,10 @@ EPILOG = """examples:
   vlbench run matrix --config configs/world.yaml --out runs/mine
   vlbench ls attacks
   vlbench leaderboard runs/world
+  vlbench run matrix --workers 2                       # two worker processes on this machine
+  vlbench run matrix --executor slurm                  # SLURM jobs (executor: section of the config)
+  vlbench run matrix --shard 0/4                       # the first quarter of the plan (0/4 ... 3/4)
+  vlbench status runs/world                            # done, running, failed, pending
 """
 
 
@@ -66,9 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--data-root", type=Path, help="folder holding the datasets (or $VLBENCH_DATA)")
     matrix.add_argument("--dataset-root", action="append", default=[], metavar="NAME=PATH",
                         help="where one dataset lives (repeatable)")
+    matrix.add_argument("--data-workers", type=int, help="DataLoader processes decoding images (default 0)")
     matrix.add_argument("--no-cache", action="store_true", help="recompute embeddings")
     matrix.add_argument("--no-progress", action="store_true")
+    matrix.add_argument("--executor", choices=["local", "slurm"],
+                        help="where cells run (default from the config's executor: section, else local)")
+    matrix.add_argument("--workers", type=int, help="local worker processes (default 1: sequential)")
+    matrix.add_argument("--shard", metavar="I/N",
+                        help="run only the I-th of N slices of the plan (I from 0), or 'auto' from torchrun/srun")
+    matrix.add_argument("--retry-failed", action="store_true", help="rerun only the cells recorded as failed")
+    matrix.add_argument("--no-wait", action="store_true", help="slurm: submit and return (follow with vlbench status)")
     _add_plugin_flag(matrix)
+
+    status = commands.add_parser("status", help="a results folder's cells: done, running, failed or pending")
+    status.add_argument("results_dir", type=Path)
 
     ls = commands.add_parser("ls", help="list registered defenses, attacks or datasets")
     ls.add_argument("kind", choices=["defenses", "attacks", "datasets"])
@@ -112,12 +129,19 @@ def matrix_config(args: argparse.Namespace):
         cfg.defenses = select(cfg.defenses, args.defenses)
     if args.attacks:
         cfg.attacks = select(cfg.attacks, args.attacks)
-    for key in ("datasets", "limit", "seed", "device", "batch_size", "model", "pretrained", "precision"):
+    for key in ("datasets", "limit", "seed", "device", "batch_size", "model", "pretrained", "precision",
+                "data_workers"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
     if args.out is not None:
         cfg.out = str(args.out)
+    if args.executor is not None:
+        cfg.executor.name = args.executor
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {args.workers}", "pass --workers 2 or more")
+        cfg.executor.workers = args.workers
     if cfg.device.startswith("cuda"):
         import torch
 
@@ -134,7 +158,7 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
     from vlbench import plugins
     from vlbench.data import datasets
     from vlbench.reporting.leaderboard import write_leaderboard
-    from vlbench.run.matrix import run_matrix
+    from vlbench.run.matrix import Selection, parse_shard, run_matrix
     from vlbench.store.embeddings import EmbeddingCache
 
     if args.data_root:
@@ -146,8 +170,26 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
         datasets.root_overrides[name] = Path(path)
     plugins.load_files(args.plugin)
     cfg = matrix_config(args)
-    plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache),
-                      report=lambda line: print(line, file=sys.stderr, flush=True))
+    selection = Selection(shard=parse_shard(args.shard) if args.shard else None, retry_failed=args.retry_failed)
+    report = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    shared = dict(selection=selection, plugin_files=[str(Path(p).resolve()) for p in args.plugin],
+                  roots={k: str(v.resolve()) for k, v in datasets.root_overrides.items()},
+                  cache_enabled=not args.no_cache)
+    if cfg.executor.name == "slurm":
+        if args.shard:
+            raise UserError("--shard and --executor slurm do not combine", "the slurm executor spreads the plan itself")
+        from vlbench.run.slurm import run_on_slurm
+
+        plan = run_on_slurm(cfg, report, wait=not args.no_wait, **shared)
+        if args.no_wait:
+            return 0
+    elif cfg.executor.workers > 1:
+        from vlbench.run.workers import run_workers
+
+        plan = run_workers(cfg, cfg.executor.workers, report, **shared)
+    else:
+        plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache),
+                          report=report, selection=selection)
     print(f"{len(plan.cells)} cells in {cfg.out}/cells"
           + (f"; {len(plan.skipped)} skipped, where the attack is not defined for the task (-v lists them)"
              if plan.skipped else ""), file=sys.stderr)
@@ -195,6 +237,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from vlbench.run.status import format_status
+
+    print(format_status(args.results_dir))
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     import yaml
 
@@ -235,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
-                "prepare": cmd_prepare}
+                "prepare": cmd_prepare, "status": cmd_status}
     try:
         return handlers[args.command](args)
     except UserError as exc:
         print(f"vlbench: error: {exc}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
     except KeyboardInterrupt:
         print("vlbench: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vlbench.api import Attack
 from vlbench.data.datasets import EvalData, subset_hash
+from vlbench.data.loading import EvalLoaders
 from vlbench.evaluation.perturb import SampleNoise
 from vlbench.models.victim import Victim
 from vlbench.monitor.progress import progress as progress_bar
@@ -34,21 +35,24 @@ class EvalContext:
     seed: int = 0
     #: what the cells of this victim share (see :class:`EvalMemo`)
     memo: "EvalMemo | None" = None
+    #: the image loaders (and their worker pools) the cells of this victim share
+    loaders: EvalLoaders | None = None
 
     def __post_init__(self):
         if self.memo is None:
             self.memo = EvalMemo(self.victim)
+        if self.loaders is None:
+            self.loaders = EvalLoaders()
 
 
-def image_batches(data: EvalData, indices: list[int], batch_size: int,
-                  desc: str | None = None, progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Stacked ``(images, targets)`` batches of ``data`` restricted to ``indices``."""
-    starts = range(0, len(indices), batch_size)
-    for start in progress_bar(starts, desc=desc, leave=False, enabled=progress):
-        items = [data.images[i] for i in indices[start:start + batch_size]]
-        images = torch.stack([item[0] for item in items])
-        targets = torch.as_tensor([int(item[1]) for item in items])
-        yield images, targets
+def image_batches(data: EvalData, indices: list[int], batch_size: int, desc: str | None = None,
+                  progress: bool = False, loaders: EvalLoaders | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stacked ``(images, targets)`` batches of ``data`` restricted to ``indices``, read through
+    ``loaders`` (a DataLoader; with workers where the run asks for them)."""
+    batches = (loaders or EvalLoaders()).batches(data.images, indices, batch_size)
+    total = (len(indices) + batch_size - 1) // batch_size
+    yield from progress_bar(batches, desc=desc, leave=False, enabled=progress, total=total)
 
 
 def data_key(ctx: EvalContext, data: EvalData, indices: list[int]) -> dict[str, Any]:
@@ -62,7 +66,8 @@ def clean_image_embeddings(ctx: EvalContext, data: EvalData, indices: list[int])
     def compute() -> torch.Tensor:
         chunks = []
         with torch.no_grad():
-            for images, _ in image_batches(data, indices, ctx.batch_size, f"embed {data.name}", ctx.progress):
+            for images, _ in image_batches(data, indices, ctx.batch_size, f"embed {data.name}", ctx.progress,
+                                           ctx.loaders):
                 chunks.append(ctx.victim.encode_image(images.to(ctx.victim.device)).cpu())
         return torch.cat(chunks)
 

@@ -76,7 +76,8 @@ def run_multimodal(ctx: EvalContext, data: EvalData, indices: list[int], attack:
         raise RuntimeError(f"attack {attack.name} returned {len(texts)} texts for {len(problem.texts)}")
     text_embeddings = ctx.memo.embed(texts)
     embeddings, start = [], 0
-    for images, _ in image_batches(data, indices, ctx.batch_size, f"{attack.name} {data.name}", ctx.progress):
+    for images, _ in image_batches(data, indices, ctx.batch_size, f"{attack.name} {data.name}", ctx.progress,
+                                   ctx.loaders):
         rows = torch.arange(start, start + len(images))
         start += len(images)
         images = images.to(ctx.victim.device)
@@ -108,7 +109,8 @@ def adversarial_embeddings(ctx: EvalContext, data: EvalData, indices: list[int],
     embeddings, correct = [], []
     noise = sample_noise(ctx, data, indices)
     desc = f"{attack.name} {data.name}"
-    for batch, (images, targets) in enumerate(image_batches(data, indices, ctx.batch_size, desc, ctx.progress)):
+    for batch, (images, targets) in enumerate(image_batches(data, indices, ctx.batch_size, desc, ctx.progress,
+                                                                       ctx.loaders)):
         images, targets = images.to(victim.device), targets.to(victim.device)
         objective = make_objective(images, targets)
         start = batch * ctx.batch_size

@@ -11,6 +11,13 @@ All names, parameters and datasets are checked before the first cell runs: bad i
 with one line and writes nothing. Before any work a run reports its plan (cells to run and
 done, models to build, train or reuse, a time estimate from a warm-up of a second on this
 machine, :mod:`vlbench.monitor.cost`), and at its end the time by phase (:mod:`vlbench.monitor.timing`).
+
+Many processes may run the same plan on one folder (workers, shards, SLURM jobs: see
+:mod:`vlbench.run.workers` and :mod:`vlbench.run.slurm`): each cell and each defense's
+training is claimed before it runs (:mod:`vlbench.store.claims`), so none is computed twice
+and a dead worker's work is taken over. A failing cell is recorded in ``<out>/failed/`` and
+the run goes on; ``Selection(retry_failed=True)`` reruns only those. The plan itself is
+recorded in ``<out>/plans/`` for ``vlbench status``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +43,7 @@ import torch
 
 from vlbench import __version__, api
 from vlbench.data.datasets import EvalData, get_spec, load_dataset, subset_hash, subset_indices
+from vlbench.data.loading import EvalLoaders, Loading
 from vlbench.errors import UserError
 from vlbench.evaluation.context import EvalContext
 from vlbench.evaluation.tasks import evaluate, tasks
@@ -46,8 +55,8 @@ from vlbench.monitor.progress import progress as progress_bar
 from vlbench.schema import check_type
 from vlbench.store.artifacts import RESULT_SCHEMA, artifact_key, artifact_path
 from vlbench.store.embeddings import EmbeddingCache
-from vlbench.store.files import (atomic_save_tensors, atomic_write_json, build_once, remove_stale_temporaries,
-                                 stable_hash)
+from vlbench.store.claims import Claim, read_claim
+from vlbench.store.files import atomic_save_tensors, atomic_write_json, remove_stale_temporaries, stable_hash
 from vlbench.store.paths import builtin_root
 from vlbench.training.loop import TrainingRun
 
@@ -78,6 +87,48 @@ class PluginSpec:
 
 
 @dataclass
+class ExecutorConfig:
+    """Where the cells run: the config's ``executor:`` section (``--executor``, ``--workers``
+    override). ``local`` with one worker is the plain sequential run."""
+
+    name: typing.Literal["local", "slurm"] = "local"
+    #: local: worker processes on this machine
+    workers: int = 1
+    #: slurm: per-job resources and the array's limits (submitit's SlurmExecutor)
+    partition: str | None = None
+    gpus_per_task: int = 0
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    time_limit_min: int = 240
+    array_parallelism: int = 32
+    #: extra sbatch options, e.g. {account: lab, qos: high, constraint: a100}
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    #: one evaluation task per defense, or per defense and dataset
+    group_by: typing.Literal["defense", "dataset"] = "defense"
+    #: requeues after a time limit or preemption before a job is given up
+    max_requeues: int = 3
+    #: seconds before the time limit that a job is told to checkpoint and requeue
+    signal_delay_s: int = 90
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str) -> "ExecutorConfig":
+        if not isinstance(raw, dict):
+            raise UserError(f"config {source} key 'executor' must be a mapping, got {raw!r}",
+                            "write executor: {name: slurm, partition: gpu, ...}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise UserError(f"config {source} executor has unknown keys {sorted(unknown)}", f"use only {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        values = {k: check_type(v, hints[k], f"config {source} executor key {k!r}") for k, v in raw.items()}
+        executor = cls(**values)
+        if executor.workers < 1:
+            raise UserError(f"the number of workers must be at least 1, got {executor.workers}",
+                            "pass --workers 2 or more")
+        return executor
+
+
+@dataclass
 class MatrixConfig:
     model: str = WORLD_MODEL
     pretrained: str | None = None
@@ -91,6 +142,9 @@ class MatrixConfig:
     device: str = "cpu"
     #: fp32 (default), bf16 or fp16: see vlbench.models.precision
     precision: str = "fp32"
+    #: DataLoader worker processes that decode images (0: in the main process, as the world needs)
+    data_workers: int = 0
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     @classmethod
     def from_dict(cls, raw: Any, source: str) -> "MatrixConfig":
@@ -105,7 +159,8 @@ class MatrixConfig:
                             f"use only {sorted(known)}")
         hints = typing.get_type_hints(cls)
         values = {key: check_type(value, hints[key], f"config {source} key {key!r}")
-                  for key, value in raw.items() if key not in ("defenses", "attacks", "datasets")}
+                  for key, value in raw.items() if key not in ("defenses", "attacks", "datasets", "executor")}
+        values["executor"] = ExecutorConfig.from_dict(raw.get("executor") or {}, source)
         for kind in ("defenses", "attacks"):
             values[kind] = [PluginSpec.parse(e, kind[:-1]) for e in _as_list(raw.get(kind, []), kind)]
         values["datasets"] = [str(d) for d in _as_list(raw.get("datasets", []), "datasets")]
@@ -185,6 +240,9 @@ def make_plan(cfg: MatrixConfig) -> Plan:
         raise UserError("the matrix is empty", "name at least one defense, attack and dataset")
     if cfg.limit is not None and cfg.limit <= 0:
         raise UserError(f"--limit must be positive, got {cfg.limit}", "pass a positive sample count")
+    if cfg.data_workers < 0:
+        raise UserError(f"data_workers must be 0 or more, got {cfg.data_workers}",
+                        "set --data-workers (or data_workers: in the config) to 0 or a positive number")
     if cfg.batch_size <= 0:
         raise UserError(f"the batch size must be positive, got {cfg.batch_size}",
                         "set --batch-size (or batch_size: in the config) to a positive number")
@@ -259,40 +317,64 @@ def checkpoint_path(base: Victim, defense: api.Defense) -> tuple[Path, dict]:
     return artifact_path("checkpoints", key, trained=True, prefix=f"{_safe(defense.name)}-", suffix=".safetensors")
 
 
-def obtain_model(base: Victim, defense: api.Defense, progress: bool, label: str | None = None) -> tuple[Victim, dict]:
-    """A copy of ``base`` with ``defense`` applied; trained weights are cached and reused."""
+def obtain_model(base: Victim, defense: api.Defense, progress: bool, label: str | None = None,
+                 wait: bool = True, log_path: str = "", loading: Loading | None = None) -> tuple[Victim, dict] | None:
+    """A copy of ``base`` with ``defense`` applied; trained weights are cached and reused.
+
+    The training is claimed first, so of several processes sharing the cache one trains; the
+    others wait for its checkpoint, or with ``wait=False`` get None and do other work. A
+    claim's owner that dies leaves its intermediate checkpoints, and the next owner resumes
+    from them."""
     from safetensors.torch import load_file
 
-    victim = copy.deepcopy(base)
     if not defense.trains:
-        return victim, {"trained": False}
-    path, key = checkpoint_path(victim, defense)
+        return copy.deepcopy(base), {"trained": False}
+    path, key = checkpoint_path(base, defense)
 
-    def reuse() -> dict | None:
+    def reuse() -> tuple[Victim, dict] | None:
         if not path.is_file():
             return None
+        victim = copy.deepcopy(base)
         try:
             victim.model.load_state_dict(load_file(str(path)))
         except Exception as exc:  # a damaged checkpoint is rebuilt, not trusted
             log.warning("checkpoint %s unreadable (%s); training again", path, exc)
             return None
         victim.weights_changed()
-        return {"trained": True, "checkpoint": str(path), "reused": True}
+        return victim, {"trained": True, "checkpoint": str(path), "reused": True}
 
-    def train() -> dict:
+    def train() -> tuple[Victim, dict]:
+        victim = copy.deepcopy(base)
         # Intermediate checkpoints live beside the final one, so a killed run resumes training.
         workdir = path.with_suffix(".partial")
+        every = int(os.environ.get("VLBENCH_CHECKPOINT_EVERY", "100"))
+        # one line per training in the log: which process trained what, and whether it resumed
+        print(f"training {label or defense.name} ({path.name}) in pid {os.getpid()}"
+              + (" from its intermediate checkpoint" if any(workdir.glob("step-*")) else ""), file=sys.stderr, flush=True)
         with timing.phase(f"train {label or defense.name}"):
-            summary = defense.fit(victim, TrainingRun(progress=progress, workdir=workdir, label=label))
+            summary = defense.fit(victim, TrainingRun(progress=progress, workdir=workdir, label=label,
+                                                      checkpoint_every=every, loading=loading or Loading()))
         victim.requires_grad_(False)
         victim.eval()
         victim.weights_changed()
         atomic_save_tensors(path, victim.model.state_dict(),
                             metadata={"key": json.dumps(key, default=str), "summary": json.dumps(summary)})
         shutil.rmtree(workdir, ignore_errors=True)
-        return {"trained": True, "checkpoint": str(path), "reused": False, "fit": summary}
+        return victim, {"trained": True, "checkpoint": str(path), "reused": False, "fit": summary}
 
-    return victim, build_once(path.with_suffix(".lock"), reuse, train, f"training {defense.name}")
+    found = reuse()
+    if found is not None:
+        return found
+    claim = Claim(path.parent, path.stem, f"training {label or defense.name}", log_path)
+    while not claim.take():
+        if not wait:
+            return None
+        time.sleep(2.0)
+        found = reuse()
+        if found is not None:
+            return found
+    with claim:
+        return reuse() or train()  # reuse: trained by the process we waited for
 
 
 # -- the plan, as the user sees it before any work starts ---------------------------------
@@ -402,21 +484,120 @@ def _cell_seed(seed: int, cell: Cell) -> int:
     return int(stable_hash({"seed": seed, "dataset": cell.dataset, "attack": attack}, 8), 16)
 
 
-def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache | None = None,
-               report: Callable[[str], None] | None = None) -> Plan:
-    """Run the cells of ``cfg`` that have no result yet. With ``report``, the plan and its
-    time estimate are reported before any work starts, and the time per phase at the end."""
-    started = time.perf_counter()
-    timing.take()
+@dataclass
+class Selection:
+    """Which of a plan's unfinished cells a run takes: all (the default), a deterministic
+    shard, an explicit list (a cluster task's cells), or only the cells that failed before."""
+
+    shard: tuple[int, int] | None = None   # (index, count), index from 0
+    only: list[str] | None = None           # cell ids
+    retry_failed: bool = False
+
+    def apply(self, plan: Plan, cells: list[Cell]) -> list[Cell]:
+        if self.shard is not None:
+            mine = set(c.id for c in shard_cells(plan.cells, *self.shard))
+            cells = [c for c in cells if c.id in mine]
+        if self.only is not None:
+            wanted = set(self.only)
+            cells = [c for c in cells if c.id in wanted]
+        failed = {c.id for c in cells if failure_path(c).is_file()}
+        if self.retry_failed:
+            return [c for c in cells if c.id in failed]
+        return [c for c in cells if c.id not in failed]
+
+
+def shard_cells(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """The ``index``-th of ``count`` contiguous, nearly equal slices of the plan's cells: the
+    plan's order keeps a defense's cells together, so a shard loads few models; the slices
+    together hold every cell exactly once."""
+    n = len(cells)
+    return cells[index * n // count:(index + 1) * n // count]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (I from 0), or ``auto``: the rank and world size that torchrun or srun set."""
+    if text == "auto":
+        for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if rank in os.environ and size in os.environ:
+                return parse_shard(f"{os.environ[rank]}/{os.environ[size]}")
+        raise UserError("--shard auto found no RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS",
+                        "launch with torchrun or srun, or pass --shard I/N")
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise UserError(f"--shard {text!r} is not I/N with 0 <= I < N", "write e.g. --shard 0/4 ... --shard 3/4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def failure_path(cell: Cell) -> Path:
+    return cell.path.parent.parent / "failed" / f"{cell.id}.json"
+
+
+def claims_folder(cfg: MatrixConfig) -> Path:
+    return Path(cfg.out) / "claims"
+
+
+def write_manifest(cfg: MatrixConfig, plan: Plan, checkpoints: dict[str, str]) -> None:
+    """The plan's cells (and where each defense's training claim lives), for ``vlbench status``;
+    named by its content, so runs of the same plan share one file."""
+    cells = [{"id": c.id, "defense": c.defense_label, "attack": c.attack_label, "dataset": c.dataset}
+             for c in plan.cells]
+    manifest = {"cells": cells, "checkpoints": checkpoints}
+    path = Path(cfg.out) / "plans" / f"{stable_hash(manifest, 12)}.json"
+    if not path.is_file():
+        atomic_write_json(path, manifest)
+
+
+class RunFailed(UserError):
+    """Some cells failed; the others finished. Exit status 1 unless every failure was bad input."""
+
+    exit_code = 1
+
+
+def record_failure(cell: Cell, exc: BaseException, stage: str, log_path: str) -> None:
+    import traceback
+
+    lines = [line for line in traceback.format_exception_only(type(exc), exc)[-1].splitlines() if line.strip()]
+    atomic_write_json(failure_path(cell), {
+        "cell": cell.id, "defense": cell.defense_label, "attack": cell.attack_label, "dataset": cell.dataset,
+        "stage": stage, "error": lines[-1] if lines else type(exc).__name__, "user_error": isinstance(exc, UserError),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "log": log_path, "host": platform.node(), "pid": os.getpid(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+@dataclass
+class PreparedRun:
+    """A checked plan and what this run takes of it, before anything is built or written."""
+
+    cfg: MatrixConfig
+    plan: Plan
+    todo: list[Cell]
+    datasets: dict[str, EvalData]
+    base: Victim | None
+    selection: Selection
+
+    def pending_builds(self) -> bool:
+        """Whether something must be built before any cell runs (pretraining, a plugin's data)."""
+        plugins = {id(p): p for c in self.todo for p in (c.attack, c.defense)}.values()
+        return _pending_pretraining(self.cfg) is not None or any(p.pending() for p in plugins)
+
+
+def prepare_run(cfg: MatrixConfig, selection: Selection | None = None,
+                report: Callable[[str], None] | None = None) -> PreparedRun:
+    """Check everything (names, parameters, datasets, training data) and report the plan, with
+    its time estimate; nothing is built or written yet."""
+    selection = selection or Selection()
     plan = make_plan(cfg)
     for d, a, name, reason in plan.skipped:
         log.info("skip %s × %s × %s: %s", d, a, name, reason)
-    todo = plan.todo()
+    todo = selection.apply(plan, plan.todo())
     # Check every dataset loads before spending compute (a missing one is bad input).
     datasets: dict[str, EvalData] = {name: load_dataset(name) for name in {c.dataset for c in todo}}
     base = None
     if todo and _pending_pretraining(cfg) is None:
         base = load_base(cfg)
+        base.requires_grad_(False)
     for defense in {id(c.defense): c.defense for c in todo}.values():
         # only the defenses this run will train: a cached checkpoint needs no training data
         if defense.trains and (base is None or not checkpoint_path(base, defense)[0].is_file()):
@@ -428,54 +609,197 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
             for line in describe_plan(cfg, plan, todo, datasets, rates, base):
                 report(line)
         else:
-            report(f"plan: all {len(plan.cells)} cells of {cfg.out} are done")
-    for plugin in {id(p): p for c in todo for p in (c.attack, c.defense)}.values():
+            report(f"plan: all {len(plan.cells)} cells of {cfg.out} are done"
+                   + ("" if selection.retry_failed else _failed_note(plan)))
+    return PreparedRun(cfg, plan, todo, datasets, base, selection)
+
+
+def build_prerequisites(run: PreparedRun) -> Victim:
+    """Build what every cell needs first (the plugins' data, the base model), clean up after
+    writers that died, and record the plan for ``vlbench status``; returns the base model."""
+    cfg = run.cfg
+    for plugin in {id(p): p for c in run.todo for p in (c.attack, c.defense)}.values():
         plugin.prepare()
     out = Path(cfg.out)
-    if (out / "cells").is_dir():
-        remove_stale_temporaries(out / "cells")  # left by a run killed mid-write
-    cache = cache or EmbeddingCache()
-    revision, versions = code_revision(), library_versions()
-    if base is None and todo:
-        base = load_base(cfg)
-    if base is not None:
-        base.requires_grad_(False)
-    bar = progress_bar(total=len(todo), desc="cells", enabled=progress)
-    by_defense: dict[str, list[Cell]] = {}
-    for cell in todo:
-        by_defense.setdefault(cell.defense_label, []).append(cell)
-    for label, cells in by_defense.items():
+    for folder in (out / "cells", out / "failed", claims_folder(cfg)):
+        if folder.is_dir():
+            remove_stale_temporaries(folder)  # left by a run killed mid-write
+    if run.base is None:
+        run.base = load_base(cfg)
+        run.base.requires_grad_(False)
+    write_manifest(cfg, run.plan, {c.defense_label: str(checkpoint_path(run.base, c.defense)[0])
+                                   for c in run.plan.cells if c.defense.trains})
+    return run.base
+
+
+def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache | None = None,
+               report: Callable[[str], None] | None = None, selection: Selection | None = None,
+               log_path: str = "", poll_seconds: float = 2.0) -> Plan:
+    """Run the cells of ``cfg`` that have no result yet (those ``selection`` picks). With
+    ``report``, the plan and its time estimate are reported before any work starts, and the
+    time per phase at the end.
+
+    Every cell and every defense's training is claimed first (:mod:`vlbench.store.claims`):
+    cells another live process holds are left to it (and taken over if it dies), a defense
+    another process trains is waited for while other work remains. A cell that fails is
+    recorded in ``<out>/failed/`` and the run goes on; at the end :class:`RunFailed` names
+    the failures.
+    """
+    started = time.perf_counter()
+    timing.take()
+    run = prepare_run(cfg, selection, report)
+    if not run.todo:
+        return run.plan
+    build_prerequisites(run)
+    runner = _CellRunner(run, cache or EmbeddingCache(), progress, log_path, time.time())
+    bar = progress_bar(total=len(run.todo), desc="cells", enabled=progress)
+    groups: dict[str, list[Cell]] = {}
+    for cell in run.todo:
+        groups.setdefault(cell.defense_label, []).append(cell)
+    while groups:
+        progressed = False
+        for label in list(groups):
+            groups[label] = [c for c in groups[label] if not runner.settled(c)]
+            if not groups[label]:
+                del groups[label]
+                continue
+            ran = runner.run_group(groups[label], bar)
+            progressed = progressed or ran
+        if groups and not progressed:
+            time.sleep(poll_seconds)  # what is left is claimed by live workers: wait for them
+    bar.close()
+    if report is not None:
+        report("time by phase:\n" + timing.summary(timing.take(), time.perf_counter() - started))
+    raise_failures(cfg, [(cell.id, message, user) for cell, message, user in runner.failures], len(run.todo))
+    return run.plan
+
+
+def raise_failures(cfg: MatrixConfig, failures: list[tuple[str, str, bool]], total: int) -> None:
+    """Raise :class:`RunFailed` (or a :class:`UserError` if every failure was bad input) naming
+    the first of ``failures``: (cell id, message, was bad input)."""
+    if not failures:
+        return
+    cell, message, _ = failures[0]
+    if all(user for _, _, user in failures):
+        raise UserError(f"{len(failures)} of {total} cells failed: {message}",
+                        f"fix the input, then rerun with --retry-failed (vlbench status {cfg.out} lists them)")
+    raise RunFailed(f"{len(failures)} of {total} cells failed (first: {cell}: {message})",
+                    f"the other cells finished; see vlbench status {cfg.out}, fix, then rerun with --retry-failed")
+
+
+def _failed_note(plan: Plan) -> str:
+    failed = sum(failure_path(c).is_file() for c in plan.cells)
+    return f" but {failed} failed (vlbench status {plan.cells[0].path.parent.parent}; --retry-failed)" if failed else ""
+
+
+class _CellRunner:
+    """Runs a defense's cells under claims, with one model loaded at a time."""
+
+    def __init__(self, run: PreparedRun, cache: EmbeddingCache, progress: bool, log_path: str, started: float):
+        self.cfg, self.base, self.cache, self.datasets = run.cfg, run.base, cache, run.datasets
+        self.progress, self.log_path, self.started = progress, log_path, started
+        self.revision, self.versions = code_revision(), library_versions()
+        self.loading = Loading.for_device(run.cfg.data_workers, run.cfg.device)
+        self.failures: list[tuple[Cell, str, bool]] = []
+
+    def settled(self, cell: Cell) -> bool:
+        """Finished, or failed during this run (here or in another worker)."""
+        if is_finished(cell.path):
+            return True
+        try:
+            return failure_path(cell).stat().st_mtime >= self.started
+        except FileNotFoundError:
+            return False
+
+    def _fail(self, cell: Cell, exc: BaseException, stage: str) -> None:
+        log.error("%s of %s failed: %s: %s", stage, cell.id, type(exc).__name__, exc,
+                  exc_info=not isinstance(exc, UserError))
+        record_failure(cell, exc, stage, self.log_path)
+        self.failures.append((cell, f"{type(exc).__name__}: {exc}", isinstance(exc, UserError)))
+
+    def run_group(self, cells: list[Cell], bar) -> bool:
+        """Run what can run now of one defense's cells; False if nothing could (its training
+        or all its cells are claimed by other workers)."""
+        label, defense = cells[0].defense_label, cells[0].defense
+        claims = claims_folder(self.cfg)
+        if not any(_claimable(claims, c) for c in cells):
+            return False
         model_started = time.perf_counter()
-        victim, model_info = obtain_model(base, cells[0].defense, progress, label)
+        try:
+            obtained = obtain_model(self.base, defense, self.progress, label, wait=False, log_path=self.log_path,
+                                    loading=self.loading)
+        except Exception as exc:  # noqa: BLE001 - recorded per cell, the other defenses go on
+            for cell in cells:
+                self._fail(cell, exc, "training")
+            return True
+        if obtained is None:
+            return False  # another worker trains it
+        victim, model_info = obtained
         model_seconds = time.perf_counter() - model_started
-        ctx = EvalContext(victim, cache, cfg.batch_size, progress, cfg.seed)
+        ctx = EvalContext(victim, self.cache, self.cfg.batch_size, self.progress, self.cfg.seed,
+                          loaders=EvalLoaders(self.loading))
+        ran = False
         for cell in cells:
-            data = datasets[cell.dataset]
-            indices = subset_indices(len(data), cfg.limit, cfg.seed)
+            claim = Claim(claims, cell.id, f"cell {cell.id}", self.log_path)
+            if not claim.take():
+                continue
+            with claim:
+                if self.settled(cell):
+                    continue
+                ran = True
+                bar.set_postfix_str(cell.id.rsplit("__", 1)[0])
+                try:
+                    self._run_cell(cell, ctx, victim, model_info, model_seconds)
+                except Exception as exc:  # noqa: BLE001 - recorded, the other cells go on
+                    self._fail(cell, exc, "evaluation")
+                    continue
+                failure_path(cell).unlink(missing_ok=True)
+                bar.update(1)
+        return ran
+
+    def _run_cell(self, cell: Cell, ctx: EvalContext, victim: Victim, model_info: dict, model_seconds: float):
+        cfg = self.cfg
+        data = self.datasets[cell.dataset]
+        indices = subset_indices(len(data), cfg.limit, cfg.seed)
+        t0 = time.perf_counter()
+        halved = []
+        while True:
             generator = torch.Generator().manual_seed(_cell_seed(cfg.seed, cell))
             torch.manual_seed(_cell_seed(cfg.seed, cell))
-            bar.set_postfix_str(cell.id.rsplit("__", 1)[0])
-            t0 = time.perf_counter()
             cell.attack.take_notes(), cell.attack.take_adjustments()
-            metrics = evaluate(ctx, data, indices, cell.attack, generator)
-            seconds = time.perf_counter() - t0
-            timing.record(f"evaluate {cell.attack_label}", seconds)
-            result = {
-                "schema": RESULT_SCHEMA, "cell": cell.id,
-                "defense": cell.defense_label, "attack": cell.attack_label,
-                "dataset": cell.dataset, "task": cell.task, "config": cell.config,
-                "metrics": metrics, "n": len(indices),
-                "subset_hash": subset_hash(cell.dataset, data.spec.split, indices),
-                "seed": cfg.seed, "precision": cfg.precision, "versions": versions, "code_revision": revision,
-                "model": {"fingerprint": victim.fingerprint(), **model_info},
-                "timings": {"evaluate_s": round(seconds, 3), "model_s": round(model_seconds, 3)},
-                "warnings": cell_warnings(cell.task, metrics) + cell.attack.take_notes(),
-                "adjustments": cell.attack.take_adjustments(),
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            atomic_write_json(cell.path, result)
-            bar.update(1)
-    bar.close()
-    if report is not None and todo:
-        report("time by phase:\n" + timing.summary(timing.take(), time.perf_counter() - started))
-    return plan
+            try:
+                metrics = evaluate(ctx, data, indices, cell.attack, generator)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if ctx.batch_size <= 1:
+                    raise
+                # the victim's other cells keep the smaller batch: the memory pressure stays
+                halved.append(f"CUDA out of memory at batch size {ctx.batch_size}: halved to {ctx.batch_size // 2}")
+                log.warning("%s: %s", cell.id, halved[-1])
+                ctx.batch_size //= 2
+                ctx.memo = type(ctx.memo)(ctx.victim)
+                torch.cuda.empty_cache()
+        if ctx.batch_size != cfg.batch_size and not halved:
+            halved.append(f"batch size {ctx.batch_size}, halved from {cfg.batch_size} after a CUDA out-of-memory error")
+        seconds = time.perf_counter() - t0
+        timing.record(f"evaluate {cell.attack_label}", seconds)
+        result = {
+            "schema": RESULT_SCHEMA, "cell": cell.id,
+            "defense": cell.defense_label, "attack": cell.attack_label,
+            "dataset": cell.dataset, "task": cell.task, "config": cell.config,
+            "metrics": metrics, "n": len(indices),
+            "subset_hash": subset_hash(cell.dataset, data.spec.split, indices),
+            "seed": cfg.seed, "precision": cfg.precision, "versions": self.versions,
+            "code_revision": self.revision,
+            "model": {"fingerprint": victim.fingerprint(), **model_info},
+            "timings": {"evaluate_s": round(seconds, 3), "model_s": round(model_seconds, 3)},
+            "warnings": cell_warnings(cell.task, metrics) + cell.attack.take_notes(),
+            "adjustments": halved + cell.attack.take_adjustments(), "batch_size": ctx.batch_size,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(cell.path, result)
+
+
+def _claimable(folder: Path, cell: Cell) -> bool:
+    found = read_claim(Claim(folder, cell.id).path)
+    return found is None or found.stale

@@ -77,9 +77,10 @@ class TrainingDefense(Defense):
         p = self.params
         return Schedule(steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup, optimizer=p.optimizer)
 
-    def batches(self, victim) -> TrainingBatches:
+    def batches(self, victim, run: TrainingRun | None = None) -> TrainingBatches:
         p = self.params
-        return TrainingBatches(victim, list(p.train_datasets), p.split, p.batch_size, p.seed, self.training_tasks)
+        return TrainingBatches(victim, list(p.train_datasets), p.split, p.batch_size, p.seed, self.training_tasks,
+                               loading=run.loading if run is not None else None)
 
     def fit_parameters(self, victim, run: TrainingRun, trainable, loss_at, generators: dict) -> dict:
         """Fit ``trainable`` to ``loss_at`` in the shared loop, with this defense's schedule."""

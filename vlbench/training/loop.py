@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from vlbench.data.loading import Loading
 from vlbench.errors import UserError
 from vlbench.models.precision import fused_optimizer_kwargs, grad_scaler
 from vlbench.monitor.progress import progress as progress_bar
@@ -135,6 +136,7 @@ class TrainingRun:
     workdir: Path | None = None
     checkpoint_every: int = 100
     label: str | None = None   # the defense's label in the run, for progress lines
+    loading: Loading = field(default_factory=Loading)   # how training images are read
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler=None) -> None:
