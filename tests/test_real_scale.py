@@ -108,7 +108,8 @@ def test_vit_b_32_on_real_formats_sequential_and_in_workers(tmp_path):
         "datasets": ["cifar10", "flickr30k"],
     }))
     runs = {}
-    for name, extra in (("sequential", []), ("workers", ["--workers", "2", "--data-workers", "1"])):
+    # one thread each: two workers on two cores get one, and weights depend on the count
+    for name, extra in (("sequential", ["--threads", "1"]), ("workers", ["--workers", "2", "--data-workers", "1"])):
         out = tmp_path / name
         done = subprocess.run([sys.executable, "-m", "vlbench.cli", "run", "matrix", "--config", str(config),
                                "--out", str(out), "--no-progress", "--dataset-root", f"cifar10={cifar}",

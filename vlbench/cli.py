@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--dataset-root", action="append", default=[], metavar="NAME=PATH",
                         help="where one dataset lives (repeatable)")
     matrix.add_argument("--data-workers", type=int, help="DataLoader processes decoding images (default 0)")
+    matrix.add_argument("--threads", type=int, help="CPU threads per process (default: all cores, or cores/N "
+                        "for N workers, or a SLURM job's CPUs)")
     matrix.add_argument("--no-cache", action="store_true", help="recompute embeddings")
     matrix.add_argument("--no-progress", action="store_true")
     matrix.add_argument("--executor", choices=["local", "slurm"],
@@ -130,7 +132,7 @@ def matrix_config(args: argparse.Namespace):
     if args.attacks:
         cfg.attacks = select(cfg.attacks, args.attacks)
     for key in ("datasets", "limit", "seed", "device", "batch_size", "model", "pretrained", "precision",
-                "data_workers"):
+                "data_workers", "threads"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -139,9 +141,8 @@ def matrix_config(args: argparse.Namespace):
     if args.executor is not None:
         cfg.executor.name = args.executor
     if args.workers is not None:
-        if args.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {args.workers}", "pass --workers 2 or more")
         cfg.executor.workers = args.workers
+        cfg.executor.validate()
     if cfg.device.startswith("cuda"):
         import torch
 
@@ -158,7 +159,7 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
     from vlbench import plugins
     from vlbench.data import datasets
     from vlbench.reporting.leaderboard import write_leaderboard
-    from vlbench.run.matrix import Selection, parse_shard, run_matrix
+    from vlbench.run.matrix import RunFailed, Selection, parse_shard, run_matrix
     from vlbench.store.embeddings import EmbeddingCache
 
     if args.data_root:
@@ -175,21 +176,25 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
     shared = dict(selection=selection, plugin_files=[str(Path(p).resolve()) for p in args.plugin],
                   roots={k: str(v.resolve()) for k, v in datasets.root_overrides.items()},
                   cache_enabled=not args.no_cache)
-    if cfg.executor.name == "slurm":
-        if args.shard:
-            raise UserError("--shard and --executor slurm do not combine", "the slurm executor spreads the plan itself")
-        from vlbench.run.slurm import run_on_slurm
+    if cfg.executor.name == "slurm" and args.shard:
+        raise UserError("--shard and --executor slurm do not combine", "the slurm executor spreads the plan itself")
+    try:
+        if cfg.executor.name == "slurm":
+            from vlbench.run.slurm import run_on_slurm
 
-        plan = run_on_slurm(cfg, report, wait=not args.no_wait, **shared)
-        if args.no_wait:
-            return 0
-    elif cfg.executor.workers > 1:
-        from vlbench.run.workers import run_workers
+            plan = run_on_slurm(cfg, report, wait=not args.no_wait, **shared)
+            if args.no_wait:
+                return 0
+        elif cfg.executor.workers > 1:
+            from vlbench.run.workers import run_workers
 
-        plan = run_workers(cfg, cfg.executor.workers, report, **shared)
-    else:
-        plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache),
-                          report=report, selection=selection)
+            plan = run_workers(cfg, cfg.executor.workers, report, **shared)
+        else:
+            plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache),
+                              report=report, selection=selection)
+    except RunFailed:
+        write_leaderboard(cfg.out)  # of the cells that finished
+        raise
     print(f"{len(plan.cells)} cells in {cfg.out}/cells"
           + (f"; {len(plan.skipped)} skipped, where the attack is not defined for the task (-v lists them)"
              if plan.skipped else ""), file=sys.stderr)

@@ -122,10 +122,12 @@ class ExecutorConfig:
         hints = typing.get_type_hints(cls)
         values = {k: check_type(v, hints[k], f"config {source} executor key {k!r}") for k, v in raw.items()}
         executor = cls(**values)
-        if executor.workers < 1:
-            raise UserError(f"the number of workers must be at least 1, got {executor.workers}",
-                            "pass --workers 2 or more")
+        executor.validate()
         return executor
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"the number of workers must be at least 1, got {self.workers}", "pass --workers 2 or more")
 
 
 @dataclass
@@ -144,6 +146,9 @@ class MatrixConfig:
     precision: str = "fp32"
     #: DataLoader worker processes that decode images (0: in the main process, as the world needs)
     data_workers: int = 0
+    #: CPU threads per process (default: all cores for one process, cores/N for N workers, a
+    #: SLURM job's allocation); trained weights depend on it in their last bits (see README)
+    threads: int | None = None
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     @classmethod
@@ -240,6 +245,8 @@ def make_plan(cfg: MatrixConfig) -> Plan:
         raise UserError("the matrix is empty", "name at least one defense, attack and dataset")
     if cfg.limit is not None and cfg.limit <= 0:
         raise UserError(f"--limit must be positive, got {cfg.limit}", "pass a positive sample count")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"threads must be at least 1, got {cfg.threads}", "pass --threads 1 or more, or leave it unset")
     if cfg.data_workers < 0:
         raise UserError(f"data_workers must be 0 or more, got {cfg.data_workers}",
                         "set --data-workers (or data_workers: in the config) to 0 or a positive number")
@@ -299,12 +306,13 @@ def code_revision() -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions, and the CPU kernel family PyTorch runs (results agree across families to
-    sampling noise, not bit for bit)."""
+    """Versions, the CPU kernel family PyTorch runs and its thread count (results agree across
+    families and thread counts to sampling noise, not bit for bit)."""
     import open_clip
 
     versions = {"vlbench": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-                "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "threads": torch.get_num_threads()}
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):
         versions["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
     return versions
@@ -647,6 +655,8 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     """
     started = time.perf_counter()
     timing.take()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     run = prepare_run(cfg, selection, report)
     if not run.todo:
         return run.plan

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import submitit
+import torch
 
 from vlbench.data.loading import Loading
 from vlbench.errors import UserError
@@ -57,6 +58,9 @@ class _Job(submitit.helpers.Checkpointable):
         from vlbench.data import datasets
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # as many threads as the job was given CPUs: more would oversubscribe the node, where
+        # spinning OpenMP threads of concurrent jobs slow each other down many times over
+        torch.set_num_threads(self.cfg.threads or int(os.environ.get("SLURM_CPUS_ON_NODE", "1")))
         plugins.load_files(self.plugin_files)
         datasets.root_overrides.update({k: Path(v) for k, v in self.roots.items()})
         try:

@@ -12,8 +12,10 @@ dependencies nor a cap on how many run, and each job is a fresh process that rel
 model. N long-lived workers claiming work give the same stages (training before its cells,
 the leaderboard last) with a bounded number of processes.
 
-Each worker gets ``1/N`` of the CPU threads and, where there are GPUs, one GPU
-(``CUDA_VISIBLE_DEVICES``); it logs to ``<out>/logs/worker-<i>.log``.
+Each worker gets ``1/N`` of the CPU threads (``threads:`` sets them) and, where there are
+GPUs, one GPU (``CUDA_VISIBLE_DEVICES``); it logs to ``<out>/logs/worker-<i>.log``. A worker's
+thread count is recorded in its cells: trained weights depend on it in their last bits, so a
+sequential run reproduces a worker run's cells bit for bit at the same ``--threads``.
 """
 
 from __future__ import annotations
@@ -64,8 +66,6 @@ def run_workers(cfg: MatrixConfig, workers: int, report: Callable[[str], None], 
                 plugin_files: list[str] | None = None, roots: dict[str, str] | None = None,
                 cache_enabled: bool = True, poll_seconds: float = 10.0) -> Plan:
     """Run ``cfg`` in ``workers`` processes; returns the plan once they have all ended."""
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}", "pass --workers 2 or more")
     started = time.time()
     run = prepare_run(cfg, selection, report)
     if not run.todo:
@@ -74,7 +74,7 @@ def run_workers(cfg: MatrixConfig, workers: int, report: Callable[[str], None], 
     logs = Path(cfg.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() if cfg.device.startswith("cuda") else 0
-    threads = max(1, torch.get_num_threads() // workers)
+    threads = cfg.threads or max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")
     processes = []
     for index in range(workers):
@@ -91,7 +91,7 @@ def run_workers(cfg: MatrixConfig, workers: int, report: Callable[[str], None], 
         processes.append(process)
     if gpus:
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-    report(f"{workers} workers started ({threads} threads each{', one GPU each' if gpus else ''}); "
+    report(f"{workers} workers started ({threads} thread{'s' if threads > 1 else ''} each{', one GPU each' if gpus else ''}); "
            f"logs in {logs}")
     try:
         while any(p.is_alive() for p in processes):
