@@ -74,6 +74,11 @@ class SlurmCluster:
         self._munged_started = False
 
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
+        running = "".join(subprocess.run(["pgrep", "-a", "-r", "R,S,D", "-x", name], capture_output=True,
+                                         text=True).stdout for name in ("slurmctld", "slurmd"))
+        if running.strip():
+            # its port is ours: the clients would talk to it, not to the cluster started here
+            raise RuntimeError(f"a SLURM daemon is already running ({running.strip()}); stop it first")
         self.folder.mkdir(parents=True, exist_ok=True)
         self._start_munge()
         host = socket.gethostname().split(".")[0]

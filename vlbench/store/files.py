@@ -3,7 +3,8 @@
 Every result, cache entry and checkpoint is written to a temporary file in the destination
 folder, flushed to disk and renamed into place, so a reader (or a process killed midway)
 never sees a half-written file. A temporary file's name says which host and process own it,
-so that cleaning up after a killed run never removes a file another live run is writing.
+so that cleaning up after a killed run never removes a file another live run is writing;
+every write cleans up its folder that way.
 What two processes must not build at the same time (a defense's training, with its partial
 checkpoints) is built under :func:`file_lock`.
 """
@@ -41,6 +42,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a writer killed mid-write (SIGKILL, out of memory) left its temporary here; the next
+    # write to the folder removes it (never one of a live process)
+    remove_stale_temporaries(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
