@@ -555,6 +555,22 @@ def write_manifest(cfg: MatrixConfig, plan: Plan, checkpoints: dict[str, str]) -
         atomic_write_json(path, manifest)
 
 
+def recorded_failures(cells: list[Cell], since: float = 0.0) -> list[tuple[str, str, bool]]:
+    """(cell id, error, was bad input) of each unfinished cell whose failure record is no older
+    than ``since`` (a time.time()), for :func:`raise_failures`."""
+    found = []
+    for cell in cells:
+        path = failure_path(cell)
+        try:
+            if is_finished(cell.path) or path.stat().st_mtime < since:
+                continue
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append((cell.id, record["error"], record["user_error"]))
+    return found
+
+
 class RunFailed(UserError):
     """Some cells failed; the others finished. Exit status 1 unless every failure was bad input."""
 

@@ -40,7 +40,7 @@ import torch
 from vlbench.data.loading import Loading
 from vlbench.errors import UserError
 from vlbench.run.matrix import (Cell, ExecutorConfig, MatrixConfig, Plan, PreparedRun, Selection, failure_path,
-                                is_finished, prepare_run, raise_failures, record_failure)
+                                is_finished, prepare_run, raise_failures, record_failure, recorded_failures)
 
 
 class _Job(submitit.helpers.Checkpointable):
@@ -243,15 +243,7 @@ def _trainings(run: PreparedRun) -> dict[str, list[str]]:
 
 
 def _raise_for_failed(cfg: MatrixConfig, run: PreparedRun, jobs: dict[str, Any]) -> None:
-    import json
-
-    failures = []
-    for cell in run.todo:
-        path = failure_path(cell)
-        if not is_finished(cell.path) and path.is_file():
-            record = json.loads(path.read_text())
-            failures.append((cell.id, record["error"], record["user_error"]))
-    raise_failures(cfg, failures, len(run.todo))
+    raise_failures(cfg, recorded_failures(run.todo), len(run.todo))
     broken = [(name, job) for name, job in jobs.items() if job.state not in ("COMPLETED",)]
     unfinished = [c for c in run.todo if not is_finished(c.path)]
     if unfinished:

@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 from vlbench.errors import UserError
-from vlbench.run.matrix import (MatrixConfig, Plan, Selection, build_prerequisites, failure_path, is_finished,
-                                prepare_run, raise_failures)
+from vlbench.run.matrix import (MatrixConfig, Plan, Selection, build_prerequisites, is_finished, prepare_run,
+                                raise_failures, recorded_failures)
 
 
 def _worker(cfg: MatrixConfig, index: int, threads: int, log_path: str, selection: Selection,
@@ -103,15 +103,7 @@ def run_workers(cfg: MatrixConfig, workers: int, report: Callable[[str], None], 
         for p in processes:
             p.terminate()
         raise
-    failures = []
-    for cell in run.todo:
-        path = failure_path(cell)
-        if not is_finished(cell.path) and path.is_file() and path.stat().st_mtime >= started:
-            import json
-
-            record = json.loads(path.read_text())
-            failures.append((cell.id, record["error"], record["user_error"]))
-    raise_failures(cfg, failures, len(run.todo))
+    raise_failures(cfg, recorded_failures(run.todo, since=started), len(run.todo))
     unfinished = [c for c in run.todo if not is_finished(c.path)]
     if unfinished:
         codes = ", ".join(str(p.exitcode) for p in processes)
