@@ -95,10 +95,12 @@ def test_artifact_names_carry_the_schema_and_the_training_codes_version(monkeypa
     trained, _ = artifacts.artifact_path("checkpoints", key, trained=True, suffix=".safetensors")
     plain, full = artifacts.artifact_path("augment", key)
     embeddings = EmbeddingCache(tmp_path / "embeddings").path_for(key)
-    assert trained.parent == tmp_path / "checkpoints" and full == {**key, "schema": artifacts.RESULT_SCHEMA}
+    assert trained.parent == tmp_path / "checkpoints" and full == {**key, "schema": artifacts.STORE_SCHEMA}
     monkeypatch.setattr(artifacts, "TRAINING_VERSION", "next")
     assert artifacts.artifact_path("checkpoints", key, trained=True, suffix=".safetensors")[0] != trained
     assert artifacts.artifact_path("augment", key)[0] == plain
-    monkeypatch.setattr(artifacts, "RESULT_SCHEMA", 99)
+    monkeypatch.setattr(artifacts, "RESULT_SCHEMA", 99)  # a cell's schema: cached files stay
+    assert artifacts.artifact_path("augment", key)[0] == plain
+    monkeypatch.setattr(artifacts, "STORE_SCHEMA", 99)
     assert artifacts.artifact_path("augment", key)[0] != plain
     assert EmbeddingCache(tmp_path / "embeddings").path_for(key) != embeddings

@@ -46,7 +46,7 @@ def test_markdown_pivots_defenses_by_dataset_and_attack(results, capsys):
     assert "clean" in mean_header and "pgd" in mean_header and "Mean top-1 (%) over the 2" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| none")]
     assert "90.0" in rows[0] and "10.0" in rows[0]       # the means
-    assert "60.0 / 50.0" in rows[1]                       # retrieval R@1 both ways
+    assert "**60.0** / **50.0**" in rows[1]               # retrieval R@1 both ways, tied: both marked
     # the terminal gets the compact tables, and the path of the full one
     assert mean_header in printed and full_header not in printed and "leaderboard.md" in printed
     assert (results / "leaderboard.html").read_text().startswith("<!doctype html>")
@@ -108,3 +108,23 @@ def test_html_escapes_labels_and_notes(tmp_path):
     page = (tmp_path / "leaderboard.html").read_text()
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert page.count("&lt;img") >= 2   # in a table and in the warnings note
+
+
+def test_sweeps_get_their_own_curve_tables(tmp_path):
+    for defense, values in (("none", (50.0, 30.0, 10.0)), ("tecoa", (80.0, 60.0, 40.0))):
+        for dataset in ("a", "b"):
+            result(tmp_path, defense, "none", dataset, "classification", {"top1": 90.0, "clean_top1": 90.0})
+            for eps, value in zip((4, 1, 2), values[::-1][:1] + values[:2]):  # written out of order
+                result(tmp_path, defense, f"pgd@{eps}", dataset, "classification", {"top1": value, "clean_top1": 90.0})
+    write_leaderboard(tmp_path)
+    markdown = (tmp_path / "leaderboard.md").read_text()
+    caption = "**pgd at each swept value — Mean top-1 (%) over the 2 classification datasets**"
+    assert caption in markdown
+    curve = markdown.split(caption)[1]
+    header = next(line for line in curve.splitlines() if line.startswith("| defense"))
+    assert [c.strip() for c in header.split("|")[2:-1]] == ["clean", "1", "2", "4"]
+    tecoa = next(line for line in curve.splitlines() if line.startswith("| tecoa"))
+    assert [c.strip(" *") for c in tecoa.split("|")[2:-1]] == ["90.0", "80.0", "60.0", "40.0"]
+    # the main summary leaves the swept columns to the curve
+    main_header = next(line for line in markdown.splitlines() if line.startswith("| defense"))
+    assert "pgd@" not in main_header

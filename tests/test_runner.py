@@ -374,3 +374,18 @@ def test_every_task_the_card_allows_is_a_registered_task_class():
 
     assert set(tasks.names()) == set(TASKS) and set(PRIMARY_METRICS) == set(TASKS)
     assert all(issubclass(tasks.get(name), Task) and tasks.get(name).primary_metrics for name in TASKS)
+
+
+def test_a_list_for_a_parameter_sweeps_it(tmp_path, world_checkpoint_path):
+    pgd = PluginSpec.parse({"pgd": {"eps": [1, 2, 4.5], "steps": 3}}, "attack")
+    assert [(e.label, e.options["eps"]) for e in pgd.sweep("attacks")] == [("pgd@1", 1), ("pgd@2", 2), ("pgd@4.5", 4.5)]
+    two = PluginSpec.parse({"name": "pgd", "label": "p", "eps": [1, 2], "steps": [3, 5]}, "attack").sweep("attacks")
+    assert [e.label for e in two] == ["p@eps=1,steps=3", "p@eps=1,steps=5", "p@eps=2,steps=3", "p@eps=2,steps=5"]
+    # a parameter that takes a list is no sweep
+    assert PluginSpec.parse({"autoattack": {"components": ["apgd-ce"]}}, "attack").sweep("attacks")[0].label == "autoattack"
+    cfg = config(tmp_path / "out", world_checkpoint_path, attacks=[pgd], datasets=["world-colour"])
+    assert [cell.attack_label for cell in make_plan(cfg).cells] == ["pgd@1", "pgd@2", "pgd@4.5"]
+    assert [cell.attack.eps * 255 for cell in make_plan(cfg).cells] == pytest.approx([1, 2, 4.5])
+    cfg.attacks = [PluginSpec.parse({"pgd": {"eps": []}}, "attack")]
+    with pytest.raises(api.UserError, match="sweeps eps over no values"):
+        make_plan(cfg)

@@ -6,6 +6,7 @@
     vlbench status RESULTS_DIR
     vlbench ls defenses|attacks|datasets
     vlbench leaderboard RESULTS_DIR
+    vlbench compare RESULTS_DIR --defenses A,B
     vlbench world pretrain [--force]
     vlbench prepare defense|attack NAME [--set KEY=VALUE]
 
@@ -30,6 +31,7 @@ EPILOG = """examples:
   vlbench run matrix --config configs/world.yaml --out runs/mine
   vlbench ls attacks
   vlbench leaderboard runs/world
+  vlbench compare runs/world --defenses tecoa,fare     # paired differences, intervals, p-values
   vlbench run matrix --workers 2                       # two worker processes on this machine
   vlbench run matrix --executor slurm                  # SLURM jobs (executor: section of the config)
   vlbench run matrix --shard 0/4                       # the first quarter of the plan (0/4 ... 3/4)
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = commands.add_parser("leaderboard", help="write leaderboard CSV/Markdown/HTML from results")
     board.add_argument("results_dir", type=Path)
+
+    compare = commands.add_parser("compare", help="two defenses' paired differences, with intervals and p-values")
+    compare.add_argument("results_dir", type=Path)
+    compare.add_argument("--defenses", required=True, metavar="A,B", help="the two defense labels to compare")
 
     prepare = commands.add_parser("prepare", help="build (or reuse) what a defense or attack needs before a run "
                                   "(e.g. bert-attack's masked LM), so cluster jobs find it cached")
@@ -242,6 +248,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vlbench.reporting.compare import compare, format_comparison
+
+    names = [name.strip() for name in args.defenses.split(",") if name.strip()]
+    if len(names) != 2:
+        raise UserError(f"--defenses {args.defenses!r} does not name two defenses", "write --defenses A,B")
+    print(format_comparison(compare(args.results_dir, *names), *names))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from vlbench.run.status import format_status
 
@@ -289,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
-                "prepare": cmd_prepare, "status": cmd_status}
+                "prepare": cmd_prepare, "status": cmd_status, "compare": cmd_compare}
     try:
         return handlers[args.command](args)
     except UserError as exc:

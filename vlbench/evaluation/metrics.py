@@ -9,21 +9,35 @@ import torch
 RECALL_KS = (1, 5, 10)
 
 
+def first_positive_ranks(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                         text_to_image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per query, the 1-based rank of its first positive: ``{"i2t": [images], "t2i": [texts]}``.
+
+    Equal similarities rank in gallery order (as a stable sort would), so every rank, and
+    every Recall@K read from the ranks, is a deterministic function of the embeddings."""
+    similarity = image_embeddings @ text_embeddings.T  # [images, texts]
+    n_images, n_texts = similarity.shape
+    owner = text_to_image.to(similarity.device)
+    images = torch.arange(n_images, device=similarity.device)
+    texts = torch.arange(n_texts, device=similarity.device)
+    positive = owner[None, :] == images[:, None]
+    best = similarity.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
+    first = texts.masked_fill(~(positive & (similarity == best)), n_texts).min(dim=1, keepdim=True).values
+    i2t = 1 + (similarity > best).sum(dim=1) + ((similarity == best) & (texts[None, :] < first)).sum(dim=1)
+    own = similarity[owner, texts][:, None]  # [texts, 1]
+    columns = similarity.T
+    t2i = 1 + (columns > own).sum(dim=1) + ((columns == own) & (images[None, :] < owner[:, None])).sum(dim=1)
+    return {"i2t": i2t.cpu(), "t2i": t2i.cpu()}
+
+
 def retrieval_hits(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
                    text_to_image: torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, torch.Tensor]:
     """Per query, is it retrieved within the top K? ``{"i2t_R@K": [images], "t2i_R@K": [texts]}``."""
-    similarity = image_embeddings @ text_embeddings.T  # [images, texts]
-    n_images, n_texts = similarity.shape
-    top = max(ks)
-    image_ranked = similarity.topk(min(top, n_texts), dim=1).indices          # [images, k]
-    text_ranked = similarity.T.topk(min(top, n_images), dim=1).indices        # [texts, k]
-    image_hits = text_to_image[image_ranked] == torch.arange(n_images)[:, None]
-    text_hits = text_ranked == text_to_image[:, None]
-    hits = {}
-    for k in ks:
-        hits[f"i2t_R@{k}"] = image_hits[:, :k].any(dim=1)
-        hits[f"t2i_R@{k}"] = text_hits[:, :k].any(dim=1)
-    return hits
+    return hits_from_ranks(first_positive_ranks(image_embeddings, text_embeddings, text_to_image), ks)
+
+
+def hits_from_ranks(ranks: dict[str, torch.Tensor], ks: tuple[int, ...] = RECALL_KS) -> dict[str, torch.Tensor]:
+    return {f"{direction}_R@{k}": ranks[direction] <= k for k in ks for direction in ("i2t", "t2i")}
 
 
 def recall_at_k(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,

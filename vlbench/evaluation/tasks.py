@@ -22,7 +22,7 @@ from vlbench.data.datasets import EvalData
 from vlbench.errors import UserError
 from vlbench.evaluation.context import (EvalContext, cached_prompt_embeddings, class_prompts, clean_image_embeddings,
                                         data_key, sample_noise, weights_from_prompt_embeddings)
-from vlbench.evaluation.metrics import attack_success_rates, retrieval_hits, words_changed
+from vlbench.evaluation.metrics import attack_success_rates, first_positive_ranks, hits_from_ranks, words_changed
 from vlbench.evaluation.objectives import (ClassificationObjective, EmbeddingShiftObjective, ImageGuidedTextObjective,
                                            MultimodalProblem, RetrievalObjective)
 from vlbench.evaluation.running import adversarial_embeddings, attack_texts, run_multimodal
@@ -37,6 +37,9 @@ class Task:
 
     def __init__(self, ctx: EvalContext, data: EvalData, indices: list[int]):
         self.ctx, self.data, self.indices = ctx, data, indices
+        #: each sample's outcome under the evaluated attack, for intervals and paired tests
+        #: (:mod:`vlbench.reporting.statistics`); filled by :meth:`evaluate`
+        self.samples: dict = {"ids": list(indices)}
 
     @staticmethod
     def sizes(data: EvalData, indices: list[int]) -> tuple[int, int]:
@@ -65,6 +68,11 @@ def _top1(correct: torch.Tensor) -> float:
     return 100.0 * correct.float().mean().item()
 
 
+def _bits(correct: torch.Tensor) -> str:
+    """Per-sample correctness as a string of 0s and 1s, in the order of the subset's ids."""
+    return "".join("1" if c else "0" for c in correct.tolist())
+
+
 @tasks.register("classification")
 class ClassificationTask(Task):
     """Zero-shot classification: images against class-prompt embeddings."""
@@ -78,18 +86,20 @@ class ClassificationTask(Task):
         self.weights = weights_from_prompt_embeddings(self.prompt_embeddings, len(data.classnames))
         self.clean = clean_image_embeddings(ctx, data, indices)
         self.labels = _labels(data, indices)
-        clean_correct = (self.clean.to(self.weights.device) @ self.weights.T).argmax(dim=1).cpu() == self.labels
-        self.clean_top1 = _top1(clean_correct)
+        self.clean_correct = (self.clean.to(self.weights.device) @ self.weights.T).argmax(dim=1).cpu() == self.labels
+        self.clean_top1 = _top1(self.clean_correct)
 
     @staticmethod
     def sizes(data: EvalData, indices: list[int]) -> tuple[int, int]:
         return len(data.classnames) * len(data.templates), len(data.classnames)
 
-    def _metrics(self, top1: float, **extra: float) -> dict[str, float]:
-        return {"clean_top1": self.clean_top1, "top1": top1, **extra}
+    def _metrics(self, correct: torch.Tensor, **extra: float) -> dict[str, float]:
+        correct = correct.cpu()
+        self.samples.update(clean_top1=_bits(self.clean_correct), top1=_bits(correct))
+        return {"clean_top1": self.clean_top1, "top1": _top1(correct), **extra}
 
     def under_none(self, attack, generator) -> dict[str, float]:
-        return self._metrics(self.clean_top1)
+        return self._metrics(self.clean_correct)
 
     def under_image(self, attack, generator) -> dict[str, float]:
         ctx = self.ctx
@@ -97,7 +107,7 @@ class ClassificationTask(Task):
             ctx, self.data, self.indices, attack,
             lambda images, targets: ClassificationObjective(ctx.victim, self.weights, targets, attack_only_correct=True),
             generator)
-        return self._metrics(_top1(correct))
+        return self._metrics(correct)
 
     def under_text(self, attack, generator) -> dict[str, float]:
         ctx = self.ctx
@@ -105,7 +115,7 @@ class ClassificationTask(Task):
         adversarial = attack_texts(attack, ctx, objective, generator)
         attacked = weights_from_prompt_embeddings(ctx.memo.embed(adversarial), len(self.data.classnames))
         correct = (self.clean.to(attacked.device) @ attacked.T).argmax(dim=1).cpu() == self.labels
-        return self._metrics(_top1(correct), max_words_changed=words_changed(self.prompts, adversarial))
+        return self._metrics(correct, max_words_changed=words_changed(self.prompts, adversarial))
 
     def under_multimodal(self, attack, generator) -> dict[str, float]:
         ctx, data = self.ctx, self.data
@@ -114,7 +124,7 @@ class ClassificationTask(Task):
                                     noise=sample_noise(ctx, data, self.indices), memo=ctx.memo)
         images, texts, adversarial = run_multimodal(ctx, data, self.indices, attack, problem, generator)
         attacked = weights_from_prompt_embeddings(texts, len(data.classnames))
-        return self._metrics(_top1((images @ attacked.T).argmax(dim=1) == self.labels),
+        return self._metrics((images @ attacked.T).argmax(dim=1).cpu() == self.labels,
                              max_words_changed=words_changed(self.prompts, adversarial))
 
 
@@ -132,7 +142,10 @@ class RetrievalTask(Task):
         self.text_embeddings = ctx.cache.get_or_compute(key, lambda: ctx.victim.encode_texts(self.texts).cpu())
         ctx.memo.embed.seed(self.texts, self.text_embeddings)
         self.clean = clean_image_embeddings(ctx, data, indices)
-        self.clean_hits = retrieval_hits(self.clean, self.text_embeddings, self.text_to_image)
+        self.clean_ranks = first_positive_ranks(self.clean, self.text_embeddings, self.text_to_image)
+        self.clean_hits = hits_from_ranks(self.clean_ranks)
+        # a caption query is named by the position of its image in ``ids``
+        self.samples["text_images"] = self.text_to_image.tolist()
 
     @staticmethod
     def sizes(data: EvalData, indices: list[int]) -> tuple[int, int]:
@@ -140,7 +153,10 @@ class RetrievalTask(Task):
 
     def _metrics(self, images: torch.Tensor, texts: torch.Tensor, attacked: bool, **extra: float) -> dict[str, float]:
         metrics = {f"clean_{name}": _top1(hit) for name, hit in self.clean_hits.items()}
-        hits = retrieval_hits(images, texts, self.text_to_image)
+        ranks = first_positive_ranks(images, texts, self.text_to_image)
+        hits = hits_from_ranks(ranks)
+        self.samples.update({f"clean_{d}_rank": r.tolist() for d, r in self.clean_ranks.items()})
+        self.samples.update({f"{d}_rank": r.tolist() for d, r in ranks.items()})
         metrics.update({name: _top1(hit) for name, hit in hits.items()})
         if attacked:
             metrics.update(attack_success_rates(self.clean_hits, hits))
@@ -180,9 +196,14 @@ class RetrievalTask(Task):
 
 
 def evaluate(ctx: EvalContext, data: EvalData, indices: list[int], attack: Attack,
-             generator: torch.Generator) -> dict[str, float]:
-    """The metrics of ``attack`` on ``data[indices]`` through the task its card names."""
-    return tasks.get(data.task)(ctx, data, indices).evaluate(attack, generator)
+             generator: torch.Generator, samples: dict | None = None) -> dict[str, float]:
+    """The metrics of ``attack`` on ``data[indices]`` through the task its card names;
+    ``samples``, if given, receives each sample's outcome (:attr:`Task.samples`)."""
+    task = tasks.get(data.task)(ctx, data, indices)
+    metrics = task.evaluate(attack, generator)
+    if samples is not None:
+        samples.update(task.samples)
+    return metrics
 
 
 #: the headline metrics of each registered task, in leaderboard order

@@ -9,6 +9,11 @@ Where one column mixes results computed on different evaluation subsets, the col
 marked and a footnote says so, so numbers from different subsets are never silently compared;
 likewise a table whose cells come from different code revisions, or from different versions
 of one plugin, is marked ‡ with a footnote naming them.
+
+Every number whose cells recorded their per-sample outcomes carries its 95 % bootstrap
+interval (``80.6 ± 2.8``: the value and half the interval's width; the CSV has ``ci_low``
+and ``ci_high``), and in each column the best value and every value not significantly below
+it (a paired test on the same samples, :mod:`vlbench.reporting.statistics`) are in bold.
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ from __future__ import annotations
 import html
 import json
 import logging
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from vlbench.errors import UserError
 from vlbench.evaluation.tasks import PRIMARY_METRICS
+from vlbench.reporting import statistics
 from vlbench.store.files import atomic_write_text
 
 log = logging.getLogger(__name__)
-LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "n", "subset_hash",
+LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "ci_low", "ci_high", "n", "subset_hash",
                 "seed", "cell", "created", "code_revision", "plugin_versions"]
 
 
@@ -66,9 +75,12 @@ def read_results(results_dir: Path, results: list[dict] | None = None) -> pd.Dat
     rows = []
     for result in results if results is not None else load_results(results_dir):
         for metric, value in result["metrics"].items():
+            found = statistics.outcomes(result, metric)
+            low, high = (np.nan, np.nan) if found is None else statistics.interval([found], result["cell"], metric)
             rows.append({"defense": result["defense"], "attack": result["attack"],
                          "dataset": result["dataset"], "task": result["task"], "metric": metric,
-                         "value": float(value), "n": result["n"], "subset_hash": result["subset_hash"],
+                         "value": float(value), "ci_low": low, "ci_high": high,
+                         "n": result["n"], "subset_hash": result["subset_hash"],
                          "seed": result.get("seed"), "cell": result["cell"], "created": result.get("created"),
                          "code_revision": result.get("code_revision"),
                          "plugin_versions": " ".join(plugin_versions(result.get("config", {})))})
@@ -91,8 +103,83 @@ def _label(attack: str) -> str:
     return "clean" if attack == "none" else attack
 
 
-def pivot(headline: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Defenses × (dataset, attack, metric) of the headline metrics; and footnotes."""
+@dataclass
+class Number:
+    """One shown number: a metric of one cell, or its mean over several datasets' cells, with
+    the per-sample outcomes behind it (one array per dataset) when the cells recorded them."""
+
+    value: float
+    metric: str
+    cells: tuple[str, ...]
+    groups: list[np.ndarray] | None
+    ids: tuple | None  # what names the queries: numbers pair only on the same ones
+    exact: bool        # one dataset's accuracy: exact McNemar; else a paired bootstrap
+
+    @classmethod
+    def of(cls, rows: pd.DataFrame, by_cell: dict[str, dict]) -> "Number":
+        """The mean of ``rows`` (one metric, one cell per dataset)."""
+        groups, ids = [], []
+        for cell, metric, dataset in zip(rows["cell"], rows["metric"], rows["dataset"]):
+            found = statistics.outcomes(by_cell[cell], metric)
+            if found is None:
+                groups = None
+                break
+            groups.append(found)
+            ids.append((dataset, *statistics.query_ids(by_cell[cell], metric)))
+        metric = rows["metric"].iloc[0]
+        return cls(float(rows["value"].mean()), metric, tuple(rows["cell"]), groups,
+                   None if groups is None else tuple(ids), exact=len(rows) == 1 and metric.endswith("top1"))
+
+    @cached_property
+    def half_width(self) -> float | None:
+        if self.groups is None:
+            return None
+        low, high = statistics.interval(self.groups, *self.cells, self.metric)
+        return (high - low) / 2
+
+    def text(self) -> str:
+        return f"{self.value:.1f}" if self.half_width is None else f"{self.value:.1f} ± {self.half_width:.1f}"
+
+
+def leaders(column: list["Number | None"]) -> set[int]:
+    """The rows of ``column`` to mark: the best value and every value not significantly below
+    it on the same samples (p ≥ ALPHA)."""
+    present = [i for i, number in enumerate(column) if number is not None]
+    if not present:
+        return set()
+    best = max(present, key=lambda i: column[i].value)
+    top = column[best]
+    marked = {best}
+    for i in present:
+        other = column[i]
+        if other.value == top.value:
+            marked.add(i)
+        elif top.groups is not None and other.groups is not None and other.ids == top.ids and \
+                statistics.paired_difference(top.groups, other.groups, *top.cells, *other.cells, top.metric,
+                                             exact=top.exact).p >= statistics.ALPHA:
+            marked.add(i)
+    return marked
+
+
+def render(numbers: pd.DataFrame, bold: tuple[str, str]) -> pd.DataFrame:
+    """Text of a table whose cells are lists of :class:`Number` (shown joined by " / "), the
+    leaders of each column and position wrapped in ``bold``."""
+    shown = pd.DataFrame(index=numbers.index, columns=numbers.columns, dtype=object)
+    for column in numbers.columns:
+        cells = list(numbers[column])
+        width = max((len(c) for c in cells if isinstance(c, list)), default=0)
+        marks = [leaders([c[k] if isinstance(c, list) else None for c in cells]) for k in range(width)]
+        for row, cell in enumerate(cells):
+            if not isinstance(cell, list):
+                shown.iloc[row, shown.columns.get_loc(column)] = "–"
+                continue
+            parts = [bold[0] + n.text() + bold[1] if row in marks[k] else n.text() for k, n in enumerate(cell)]
+            shown.iloc[row, shown.columns.get_loc(column)] = " / ".join(parts)
+    return shown
+
+
+def pivot(headline: pd.DataFrame, by_cell: dict[str, dict]) -> tuple[pd.DataFrame, list[str]]:
+    """Defenses × (dataset, attack, metric) of the headline metrics, as :class:`Number` lists; and footnotes."""
     notes = []
     defenses = _order(headline["defense"], "none")
     attacks = _order(headline["attack"], "none")
@@ -109,12 +196,17 @@ def pivot(headline: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                     continue
                 suffix = "" if metric == "top1" else f" {metric}"
                 column = f"{dataset}{suffix} {_label(attack)}" + (" †" if dataset in mixed else "")
-                table[column] = cells.set_index("defense")["value"].reindex(defenses)
+                table[column] = _numbers(cells, lambda part: [Number.of(part, by_cell)]).reindex(defenses)
     if mixed:
         notes.append(f"† results in this column come from different evaluation subsets "
                      f"({', '.join(sorted(mixed))}); rerun them on one subset before comparing")
     table.index.name = "defense"
     return table, notes
+
+
+def _numbers(rows: pd.DataFrame, build) -> pd.Series:
+    """``build(rows of one defense)`` per defense, as an object column."""
+    return pd.Series({defense: build(part) for defense, part in rows.groupby("defense", sort=False)}, dtype=object)
 
 
 def mixed_code(rows: pd.DataFrame) -> str | None:
@@ -143,10 +235,10 @@ def mark_mixed(tables: list[tuple[str, pd.DataFrame, pd.DataFrame]]) -> tuple[li
     return marked, notes
 
 
-def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
-    """``(caption, table, rows)`` of compact defense × attack tables: mean top-1 over the classification datasets (only
-    for defenses and attacks that ran on all of them), and each retrieval dataset's R@1 as
-    "image→text / text→image"."""
+def summaries(headline: pd.DataFrame, by_cell: dict[str, dict]) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """``(caption, table, rows)`` of compact defense × attack tables (cells: :class:`Number`
+    lists): mean top-1 over the classification datasets (only for defenses and attacks that
+    ran on all of them), and each retrieval dataset's R@1 as "image→text / text→image"."""
     defenses = _order(headline["defense"], "none")
     attacks = _order(headline["attack"], "none")
     tables = []
@@ -159,8 +251,9 @@ def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFr
             if rows.empty:
                 continue
             complete = rows.groupby("defense")["dataset"].nunique() == n_datasets
-            means = rows.groupby("defense")["value"].mean()
-            table[_label(attack)] = means.where(complete).reindex(defenses)
+            rows = rows[rows["defense"].map(complete)]
+            if not rows.empty:
+                table[_label(attack)] = _numbers(rows, lambda part: [Number.of(part, by_cell)]).reindex(defenses)
         table.index.name = "defense"
         tables.append((f"Mean top-1 (%) over the {n_datasets} classification datasets", table, classification))
     retrieval = headline[headline["task"] == "retrieval"]
@@ -168,12 +261,46 @@ def summaries(headline: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFr
         rows = retrieval[retrieval["dataset"] == dataset]
         table = pd.DataFrame(index=defenses)
         for attack in attacks:
-            cells = rows[rows["attack"] == attack].pivot(index="defense", columns="metric", values="value")
-            if {"i2t_R@1", "t2i_R@1"} <= set(cells.columns):
-                both = cells["i2t_R@1"].map("{:.1f}".format) + " / " + cells["t2i_R@1"].map("{:.1f}".format)
-                table[_label(attack)] = both.reindex(defenses)
+            cells = rows[rows["attack"] == attack]
+            both = cells.groupby("defense")["metric"].agg(lambda m: {"i2t_R@1", "t2i_R@1"} <= set(m))
+            cells = cells[cells["defense"].map(both)]
+            if not cells.empty:
+                table[_label(attack)] = _numbers(cells, lambda part: [
+                    Number.of(part[part["metric"] == metric], by_cell) for metric in ("i2t_R@1", "t2i_R@1")
+                ]).reindex(defenses)
         table.index.name = "defense"
-        tables.append((f"{dataset}: R@1 (%) image→text / text→image", table.fillna("–"), rows))
+        tables.append((f"{dataset}: R@1 (%) image→text / text→image", table, rows))
+    return tables
+
+
+def sweeps(headline: pd.DataFrame) -> dict[str, list[str]]:
+    """The sweeps among the attack labels: ``{"pgd": ["pgd@1", "pgd@2", ...]}`` for labels
+    ``base@value`` (see ``PluginSpec.sweep``), in order of value."""
+    found: dict[str, list[str]] = {}
+    for label in dict.fromkeys(headline["attack"]):
+        base, at, value = str(label).partition("@")
+        if at and "=" not in value:
+            found.setdefault(base, []).append(label)
+
+    def order(label: str):
+        value = label.partition("@")[2]
+        try:
+            return 0, float(value), value
+        except ValueError:
+            return 1, 0.0, value
+    return {base: sorted(labels, key=order) for base, labels in found.items() if len(labels) > 1}
+
+
+def curves(headline: pd.DataFrame, by_cell: dict[str, dict]) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """Each sweep's robustness curves: the compact tables of :func:`summaries` with one
+    column per swept value (and clean first)."""
+    tables = []
+    for base, labels in sweeps(headline).items():
+        rows = headline[headline["attack"].isin(["none", *labels])]
+        for caption, table, behind in summaries(rows, by_cell):
+            table = table[[c for c in ["clean", *labels] if c in table.columns]]
+            table.columns = [c if c == "clean" else c.partition("@")[2] for c in table.columns]
+            tables.append((f"{base} at each swept value — {caption}", table, behind))
     return tables
 
 
@@ -213,6 +340,19 @@ def flags(results: list[dict]) -> list[str]:
     return notes
 
 
+def _escape(text) -> str:
+    return html.escape(str(text), quote=False)
+
+
+def _html_table(numbers: pd.DataFrame) -> str:
+    # labels come from configs and result files: text, never markup; only the marks are tags
+    shown = render(numbers, ("<strong>", "</strong>"))
+    shown.index = [_escape(label) for label in shown.index]
+    shown.index.name = _escape(numbers.index.name or "")
+    shown.columns = [_escape(label) for label in shown.columns]
+    return shown.to_html(escape=False, na_rep="–")
+
+
 def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> Path:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -223,26 +363,31 @@ def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> 
     if long.empty:
         raise UserError(f"no result files under {results_dir}", "run `vlbench run matrix` first")
     atomic_write_text(results_dir / "leaderboard.csv", long.to_csv(index=False))
+    by_cell = {result["cell"]: result for result in results}
     headline = headline_metrics(long)
-    table, notes = pivot(headline)
+    table, notes = pivot(headline, by_cell)
     notes += flags(results)
-    marked, mixed_notes = mark_mixed([*summaries(headline), ("Every dataset", table, headline)])
+    swept = [label for labels in sweeps(headline).values() for label in labels]
+    compact_tables = [*summaries(headline[~headline["attack"].isin(swept)], by_cell), *curves(headline, by_cell)]
+    marked, mixed_notes = mark_mixed([*compact_tables, ("Every dataset", table, headline)])
     compact, (full_caption, _) = marked[:-1], marked[-1]
     notes += mixed_notes
+    notes.append(f"± half the {statistics.LEVEL:.0%} bootstrap interval over samples; bold: the best value of each "
+                 "column and every value not significantly below it on the same samples (exact McNemar for one "
+                 f"accuracy, paired bootstrap for recall and means; p ≥ {statistics.ALPHA}); cells that did not "
+                 "record their samples (result schema before 3) show neither")
     footer = "".join(f"\n{note}\n" for note in notes)
     title = ("Top-1 accuracy (%) for classification, Recall@1 (%) for retrieval; "
              "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n")
-    summary_md = "".join(f"\n**{caption}**\n\n{part.to_markdown(floatfmt='.1f')}\n" for caption, part in compact)
-    full_md = f"\n**{full_caption}**\n\n{table.to_markdown(floatfmt='.1f')}\n"
+    summary_md = "".join(f"\n**{caption}**\n\n{render(part, ('**', '**')).to_markdown()}\n" for caption, part in compact)
+    full_md = f"\n**{full_caption}**\n\n{render(table, ('**', '**')).to_markdown()}\n"
     atomic_write_text(results_dir / "leaderboard.md", title + summary_md + full_md + footer)
-    # labels and notes come from configs and result files: text, never markup
-    html_parts = [f"<h3>{html.escape(caption, quote=False)}</h3>\n"
-                  + part.to_html(float_format=lambda v: f"{v:.1f}", na_rep="–", escape=True)
-                  for caption, part in [*compact, (full_caption, table)]]
     atomic_write_text(results_dir / "leaderboard.html",
                       "<!doctype html><meta charset='utf-8'><title>vlbench leaderboard</title>\n"
-                      f"<p>{html.escape(title.strip(), quote=False)}</p>\n" + "\n".join(html_parts) + "\n"
-                      + "".join(f"<p>{html.escape(n, quote=False)}</p>" for n in notes))
+                      f"<p>{_escape(title.strip())}</p>\n"
+                      + "\n".join(f"<h3>{_escape(caption)}</h3>\n" + _html_table(part)
+                                  for caption, part in [*compact, (full_caption, table)]) + "\n"
+                      + "".join(f"<p>{_escape(n)}</p>" for n in notes))
     if print_markdown:
         # The per-dataset table is too wide for a terminal when there are summaries.
         shown = summary_md if compact else full_md

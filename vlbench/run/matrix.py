@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +55,7 @@ from vlbench.monitor import timing
 from vlbench.monitor.cost import Rates, Work
 from vlbench.monitor.progress import progress as progress_bar
 from vlbench.schema import check_type
-from vlbench.store.artifacts import RESULT_SCHEMA, artifact_key, artifact_path
+from vlbench.store.artifacts import RESULT_SCHEMA, artifact_path, cell_key
 from vlbench.store.embeddings import EmbeddingCache
 from vlbench.store.claims import Claim, read_claim
 from vlbench.store.files import atomic_save_tensors, atomic_write_json, remove_stale_temporaries, stable_hash
@@ -84,6 +86,39 @@ class PluginSpec:
                 return cls(str(name), str(name), dict(options or {}))
         raise UserError(f"cannot read {kind} entry {entry!r}",
                         "write a name, {name: {param: value}} or {name: ..., label: ..., param: value}")
+
+    def sweep(self, kind: str) -> list["PluginSpec"]:
+        """The entries this one stands for: a list given for a parameter that is not a list
+        is a sweep, one entry per value, labelled ``label@value`` (``label@k=v,k2=v2`` when
+        several parameters sweep, over their product)."""
+        registry = api.registry_for(kind)
+        if self.name not in registry:
+            return [self]  # api.build names the problem
+        hints = typing.get_type_hints(registry.get(self.name).Params)
+        swept = {key: value for key, value in self.options.items()
+                 if isinstance(value, list) and key in hints and not _is_sequence_type(hints[key])}
+        if not swept:
+            return [self]
+        if any(not values for values in swept.values()):
+            empty = next(key for key, values in swept.items() if not values)
+            raise UserError(f"{kind[:-1]} {self.label!r} sweeps {empty} over no values", f"list at least one {empty}")
+        entries = []
+        for values in itertools.product(*swept.values()):
+            chosen = dict(zip(swept, values))
+            shown = (_shown(values[0]) if len(chosen) == 1
+                     else ",".join(f"{key}={_shown(value)}" for key, value in chosen.items()))
+            entries.append(PluginSpec(self.name, f"{self.label}@{shown}", {**self.options, **chosen}))
+        return entries
+
+
+def _is_sequence_type(hint: Any) -> bool:
+    """Whether a parameter declared as ``hint`` takes a list itself (so a list is no sweep)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any((typing.get_origin(o) or o) in (list, tuple) or o is Any for o in options)
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -257,8 +292,8 @@ def make_plan(cfg: MatrixConfig) -> Plan:
         raise UserError(f"--out {cfg.out} is a file, not a folder", "name a folder (new or an earlier run's)")
     check_precision(cfg.precision, cfg.device)
     api.discover()
-    defenses = [(s.label, api.build("defenses", s.name, s.options)) for s in cfg.defenses]
-    attacks = [(s.label, api.build("attacks", s.name, s.options)) for s in cfg.attacks]
+    defenses = [(e.label, api.build("defenses", e.name, e.options)) for s in cfg.defenses for e in s.sweep("defenses")]
+    attacks = [(e.label, api.build("attacks", e.name, e.options)) for s in cfg.attacks for e in s.sweep("attacks")]
     for kind, items in (("defense", defenses), ("attack", attacks)):
         labels = [label for label, _ in items]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
@@ -276,7 +311,7 @@ def make_plan(cfg: MatrixConfig) -> Plan:
                 if reason:
                     skipped.append((d_label, a_label, name, reason))
                     continue
-                config = artifact_key({
+                config = cell_key({
                     "model": cfg.model, "pretrained": cfg.pretrained,
                     "defense": defense.config(), "attack": {**attack.config(), "threat_model": attack.threat_model()},
                     "dataset": name, "split": spec.split, "dataset_options": spec.options,
@@ -794,7 +829,8 @@ class _CellRunner:
             torch.manual_seed(_cell_seed(cfg.seed, cell))
             cell.attack.take_notes(), cell.attack.take_adjustments()
             try:
-                metrics = evaluate(ctx, data, indices, cell.attack, generator)
+                samples: dict = {}
+                metrics = evaluate(ctx, data, indices, cell.attack, generator, samples)
                 break
             except torch.cuda.OutOfMemoryError:
                 if ctx.batch_size <= 1:
@@ -813,7 +849,7 @@ class _CellRunner:
             "schema": RESULT_SCHEMA, "cell": cell.id,
             "defense": cell.defense_label, "attack": cell.attack_label,
             "dataset": cell.dataset, "task": cell.task, "config": cell.config,
-            "metrics": metrics, "n": len(indices),
+            "metrics": metrics, "n": len(indices), "samples": samples,
             "subset_hash": subset_hash(cell.dataset, data.spec.split, indices),
             "seed": cfg.seed, "precision": cfg.precision, "versions": self.versions,
             "code_revision": self.revision,
