@@ -14,7 +14,9 @@ def metrics_by_cell(out) -> dict[str, dict]:
 
 def leaderboard_rows(out) -> list[dict]:
     table = pd.read_csv(Path(out) / "leaderboard.csv")
-    return table.drop(columns=[c for c in ("created",) if c in table]).to_dict("records")
+    table = table.drop(columns=[c for c in ("created",) if c in table])
+    # NaN is not equal to itself: a metric without an interval must compare as the same
+    return table.astype(object).where(table.notna(), None).to_dict("records")
 
 
 def trainings(log: str, label: str) -> int:

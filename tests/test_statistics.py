@@ -91,7 +91,7 @@ def test_cells_record_each_samples_outcome(tmp_path, world_checkpoint_path):
             assert len(samples["t2i_rank"]) == len(samples["text_images"]) > cell["n"]
 
 
-def cell(folder, defense, attack, dataset, correct, ids=None, task="classification"):
+def cell(folder, defense, attack, dataset, correct, ids=None, task="classification", created="00:00"):
     """A result file with the given per-sample correctness (a 0/1 list)."""
     bits = "".join(map(str, correct))
     ids = list(range(len(correct))) if ids is None else ids
@@ -99,7 +99,7 @@ def cell(folder, defense, attack, dataset, correct, ids=None, task="classificati
     value = 100 * sum(correct) / len(correct)
     payload = {"schema": 3, "cell": name, "defense": defense, "attack": attack, "dataset": dataset, "task": task,
                "metrics": {"top1": value, "clean_top1": value}, "n": len(correct), "subset_hash": "s", "seed": 0,
-               "created": "2026-01-01T00:00:00+00:00", "code_revision": "abc",
+               "created": f"2026-01-01T{created}:00+00:00", "code_revision": "abc",
                "config": {"defense": {"name": defense, "version": "1"}, "attack": {"name": attack, "version": "1"}},
                "samples": {"ids": ids, "top1": bits, "clean_top1": bits}}
     (folder / f"{name}.json").write_text(json.dumps(payload))
@@ -127,6 +127,17 @@ def test_the_leaderboard_shows_intervals_and_marks_rows_tied_with_the_best(three
     long = pd.read_csv(three_rows / "leaderboard.csv")
     assert (long["ci_low"] <= long["value"]).all() and (long["value"] <= long["ci_high"]).all()
     assert "<strong>90.0 ±" in (three_rows / "leaderboard.html").read_text()
+
+
+def test_means_pair_dataset_by_dataset_whatever_order_the_cells_were_written_in(three_rows, capsys):
+    cell(three_rows, "tied", "pgd", "a", [1] * 88 + [0] * 12, created="02:00")
+    cell(three_rows, "tied", "pgd", "b", [1] * 88 + [0] * 12, created="01:00")
+    write_leaderboard(three_rows)
+    markdown = (three_rows / "leaderboard.md").read_text()
+    mean_table = markdown.split("Mean top-1")[1].split("Every dataset")[0]
+    assert "**88.0 ±" in next(line for line in mean_table.splitlines() if line.startswith("| tied"))
+    assert main(["compare", str(three_rows), "--defenses", "best,tied"]) == 0
+    assert "not on the same" not in capsys.readouterr().out
 
 
 def test_rows_on_other_samples_are_not_paired(three_rows):

@@ -10,7 +10,9 @@ import pandas as pd
 
 from vlbench.errors import UserError
 from vlbench.reporting import statistics
-from vlbench.reporting.leaderboard import Number, _label, headline_metrics, load_results, read_results
+from vlbench.reporting.leaderboard import Number, _label, _order, headline_metrics, load_results, read_results
+
+MEAN = "mean over classification"
 
 
 def compare(results_dir: str | Path, first: str, second: str) -> pd.DataFrame:
@@ -31,7 +33,7 @@ def compare(results_dir: str | Path, first: str, second: str) -> pd.DataFrame:
     for attack, part in classification.groupby("attack", sort=False):
         if part.groupby("defense")["dataset"].nunique().reindex([first, second]).eq(
                 classification["dataset"].nunique()).all() and classification["dataset"].nunique() > 1:
-            groups.append((_label(attack), "mean over classification", "top1", part))
+            groups.append((_label(attack), MEAN, "top1", part))
     rows = []
     for attack, dataset, metric, part in groups:
         mine, theirs = (part[part["defense"] == name] for name in (first, second))
@@ -47,7 +49,12 @@ def compare(results_dir: str | Path, first: str, second: str) -> pd.DataFrame:
         d = statistics.paired_difference(a.groups, b.groups, *a.cells, *b.cells, metric, exact=a.exact)
         rows.append({**row, "difference": round(d.value, 1), "95% interval": f"[{d.low:+.1f}, {d.high:+.1f}]",
                      "p": d.p, "test": d.test + (" *" if d.p < statistics.ALPHA else "")})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    rank = {_label(a): i for i, a in enumerate(_order(headline["attack"], "none"))}
+    key = table.apply(lambda r: (rank[r["attack"]], r["dataset"] == MEAN, r["dataset"], r["metric"]), axis=1)
+    return table.loc[key.sort_values().index].reset_index(drop=True)
 
 
 def format_comparison(table: pd.DataFrame, first: str, second: str) -> str:
@@ -55,4 +62,4 @@ def format_comparison(table: pd.DataFrame, first: str, second: str) -> str:
         return f"{first} and {second} share no attack and dataset"
     shown = table.assign(p=table["p"].map(lambda p: "–" if pd.isna(p) else f"{p:.3g}"))
     return (f"{first} − {second}, in points (* p < {statistics.ALPHA})\n\n"
-            + shown.to_markdown(index=False, floatfmt=".1f"))
+            + shown.to_markdown(index=False, floatfmt=".1f", disable_numparse=True))

@@ -118,6 +118,7 @@ class Number:
     @classmethod
     def of(cls, rows: pd.DataFrame, by_cell: dict[str, dict]) -> "Number":
         """The mean of ``rows`` (one metric, one cell per dataset)."""
+        rows = rows.sort_values("dataset")  # so that two rows' groups pair dataset by dataset
         groups, ids = [], []
         for cell, metric, dataset in zip(rows["cell"], rows["metric"], rows["dataset"]):
             found = statistics.outcomes(by_cell[cell], metric)

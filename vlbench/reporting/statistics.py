@@ -77,9 +77,13 @@ def _resample_means(groups: list[np.ndarray], rng: np.random.Generator,
 
 def interval(groups: list[np.ndarray], *seed) -> tuple[float, float]:
     """The 95 % bootstrap interval (percent) of the mean over ``groups`` of their means."""
-    means = _resample_means(groups, _generator("interval", *seed))
+    return _percentiles(_resample_means(groups, _generator("interval", *seed)))
+
+
+def _percentiles(draws: np.ndarray) -> tuple[float, float]:
     tail = 100 * (1 - LEVEL) / 2
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def mcnemar_exact(first: np.ndarray, second: np.ndarray) -> float:
@@ -110,8 +114,7 @@ def paired_difference(first: list[np.ndarray], second: list[np.ndarray], *seed, 
     dataset's accuracy, tested by exact McNemar; otherwise a paired bootstrap."""
     value = 100.0 * float(np.mean([f.mean() - s.mean() for f, s in zip(first, second)]))
     draws = _resample_means(first, _generator("paired", *seed), paired_with=second)
-    tail = 100 * (1 - LEVEL) / 2
-    low, high = float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+    low, high = _percentiles(draws)
     if exact and len(first) == 1:
         return Difference(value, low, high, mcnemar_exact(first[0], second[0]), "exact McNemar")
     # the null distribution is the resampled one shifted to mean zero (Efron & Tibshirani
