@@ -38,7 +38,7 @@ class Task:
     def __init__(self, ctx: EvalContext, data: EvalData, indices: list[int]):
         self.ctx, self.data, self.indices = ctx, data, indices
         #: each sample's outcome under the evaluated attack, for intervals and paired tests
-        #: (:mod:`vlbench.reporting.statistics`); filled by :meth:`evaluate`
+        #: (:mod:`vlbench.reporting.statistics`); filled as a handler computes its metrics
         self.samples: dict = {"ids": list(indices)}
 
     @staticmethod
