@@ -214,7 +214,10 @@ def train_world_mlm(config: WorldMLMConfig, progress: bool = True):
 
 
 def _world_mlm_folder(config: WorldMLMConfig) -> Path:
-    return artifact_path("world", asdict(config), trained=True, prefix="mlm-", digits=16)[0]
+    from vlbench.world.scenes import CAPTIONS_VERSION
+
+    return artifact_path("world", {**asdict(config), "captions": CAPTIONS_VERSION}, trained=True, prefix="mlm-",
+                         digits=16)[0]
 
 
 def world_mlm_cached(config: WorldMLMConfig | None = None) -> bool:

@@ -20,6 +20,18 @@ For classification the objective is the KL shift of the class-prompt embeddings
 (Co-Attack's unimodal ``BertAttack``, MMCoA's text attack); for retrieval each caption is
 attacked against its own image (SGA's image-guided scoring). ``mlm`` names a transformers
 model folder or cache entry (``bert-base-uncased``) or ``world`` for the world's small MLM.
+
+``constraint`` (:mod:`attacks._constraints`) filters the candidates before they are scored:
+``"auto"`` (default) keeps the meaning where the dataset has a parser (the world) and is
+``"none"`` elsewhere; ``"none"`` is the vision-language protocol above; ``"meaning"`` keeps only
+substitutions after which the dataset's parser reads the same attributes from the text
+(Morris et al., Findings of EMNLP 2020, on meaning-changing swaps); ``"sentence-encoder"``
+is BERT-Attack's own semantic constraint (Li et al. 2020, §3) as TextAttack's
+``bert_attack_li_2020`` recipe sets it: cosine of a sentence encoder's embeddings of the
+candidate and the original ≥ ``similarity``, 0.2 by default, the recipe's threshold (on the
+Universal Sentence Encoder; mean-pooled BERT-style encoders give higher cosines to unrelated
+texts, so with one of those a higher threshold binds more). ``encoder`` is the encoder's
+local folder.
 """
 
 from dataclasses import dataclass
@@ -27,15 +39,16 @@ from itertools import islice, product
 
 import torch
 
-from vlbench.api import TextAttack, attacks, check_range
+from vlbench.api import attacks, check_range
 from vlbench.evaluation.words import greedy_substitutions, objective_scores, split_words
 from vlbench.monitor.cost import Work
 
+from ._constraints import ConstrainedTextAttack
 from ._mlm import load_masked_lm
 
 
 @attacks.register("bert-attack")
-class BertAttack(TextAttack):
+class BertAttack(ConstrainedTextAttack):
     """Masked-LM word substitution under a word budget."""
 
     paper = "Li et al., EMNLP 2020 (BERT-Attack); VL variant of Co-Attack (ACM MM 2022) and SGA (ICCV 2023)"
@@ -53,17 +66,23 @@ class BertAttack(TextAttack):
         piece_top: int = 4
         piece_combinations: int = 24
         max_pieces: int = 12
+        constraint: str = "auto"   # "auto", "none", "meaning" or "sentence-encoder"
+        similarity: float = 0.2    # sentence-encoder: least cosine to the original
+        encoder: str = ""          # sentence-encoder: a local model folder
 
     def validate(self) -> None:
+        super().validate()
         owner = f"attack {self.name}"
         check_range(owner, "budget", self.params.budget, 0, 1000)
         check_range(owner, "top_k", self.params.top_k, 1, 1000)
         check_range(owner, "max_length", self.params.max_length, 3, 512)
 
     def threat_model(self) -> dict:
-        return {"modality": "text", "word_budget": self.params.budget, "level": "word", "mlm": self.params.mlm}
+        return {"modality": "text", "word_budget": self.params.budget, "level": "word", "mlm": self.params.mlm,
+                **self.constraint_threat_model()}
 
     def prepare(self) -> None:
+        super().prepare()
         self.mlm  # noqa: B018  (loads, or fails with a one-line error naming what to download)
 
     def pending(self):
@@ -131,6 +150,8 @@ class BertAttack(TextAttack):
         texts = list(objective.texts)
         if self.params.budget == 0:
             return texts
+        accept = self.acceptor(objective)
         options = self.substitutes_many([split_words(text) for text in texts])
         return greedy_substitutions(texts, objective_scores(objective),
-                                    lambda row, words, i: options[row].get(i, []), self.params.budget)
+                                    lambda row, words, i: options[row].get(i, []), self.params.budget,
+                                    accept=accept)

@@ -9,15 +9,27 @@ stop words and budget of the BERT-Attack search used in vision-language attacks 
 text attacks differ only in how they propose substitutes. Needs no language model.
 For classification it perturbs the class prompts (as MMCoA's text attack does); for
 retrieval each caption against its own image.
+
+``constraint`` (:mod:`attacks._constraints`) filters the edits before they are scored:
+``"auto"`` (default) keeps the meaning where the dataset has a parser (the world) and is
+``"none"`` elsewhere; ``"none"`` is the recipe above; ``"meaning"`` keeps only edits after which the
+dataset's parser reads the same attributes from the text (a misspelt attribute word is no
+longer that attribute: Morris et al., Findings of EMNLP 2020, on meaning-changing edits);
+``"sentence-encoder"`` keeps edits whose sentence-encoder cosine to the original is at least
+``similarity`` (Li et al., EMNLP 2020, §3; TextAttack's ``bert_attack_li_2020`` recipe).
+DeepWordBug's own recipe has no such constraint; the default 0.8 is the threshold of
+TextAttack's character-level TextBugger recipe (research/attacks_nn.md B.2).
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from vlbench.api import TextAttack, attacks, check_range
+from vlbench.api import attacks, check_range
 from vlbench.evaluation.words import greedy_substitutions, objective_scores
 from vlbench.monitor.cost import Work
+
+from ._constraints import ConstrainedTextAttack
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -44,7 +56,7 @@ def character_edits(word: str, generator: torch.Generator, per_operation: int) -
 
 
 @attacks.register("deepwordbug")
-class DeepWordBug(TextAttack):
+class DeepWordBug(ConstrainedTextAttack):
     """Greedy character-level edits of up to ``budget`` words."""
 
     paper = "Gao et al., IEEE S&P Workshops 2018 (DeepWordBug)"
@@ -55,14 +67,19 @@ class DeepWordBug(TextAttack):
     class Params:
         budget: int = 1            # words that may change
         edits_per_operation: int = 3
+        constraint: str = "auto"   # "auto", "none", "meaning" or "sentence-encoder"
+        similarity: float = 0.8    # sentence-encoder: least cosine to the original
+        encoder: str = ""          # sentence-encoder: a local model folder
 
     def validate(self) -> None:
+        super().validate()
         owner = f"attack {self.name}"
         check_range(owner, "budget", self.params.budget, 0, 1000)
         check_range(owner, "edits_per_operation", self.params.edits_per_operation, 1, 100)
 
     def threat_model(self) -> dict:
-        return {"modality": "text", "word_budget": self.params.budget, "level": "character"}
+        return {"modality": "text", "word_budget": self.params.budget, "level": "character",
+                **self.constraint_threat_model()}
 
     def work(self, task, images, texts, classes):
         edits = 4 * self.params.edits_per_operation  # four operations
@@ -72,4 +89,4 @@ class DeepWordBug(TextAttack):
         per_op = self.params.edits_per_operation
         return greedy_substitutions(list(objective.texts), objective_scores(objective),
                                     lambda row, words, i: character_edits(words[i], generator, per_op),
-                                    self.params.budget)
+                                    self.params.budget, accept=self.acceptor(objective))

@@ -9,6 +9,8 @@ from vlbench.errors import UserError
 from vlbench.evaluation.objectives import EmbeddingShiftObjective
 from vlbench.evaluation.words import changed_words
 
+from tiny_bert import write_tiny_bert
+
 # Every position predicts the same logits: the output bias. Hand-checked expectations follow.
 BIAS = {"run": 3.0, "##ing": 2.4, "walk": 1.9, "##ed": 1.2, "blue": 0.5, "green": 0.4,
         "square": 0.2, "red": 0.1, "a": -1.0, "the": -1.0, "dog": -1.0}
@@ -107,17 +109,7 @@ def test_batched_candidates_against_one_at_a_time(benchmark, hand_mlm, tiny_vict
 @pytest.mark.parametrize("safe", [True, False])
 def test_a_local_mlm_loads_from_safetensors_only(tmp_path, safe):
     """A folder holding only a pickled ``pytorch_model.bin`` is refused: unpickling runs code."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube"])}
-    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(tmp_path)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=16))
-    if safe:
-        model.save_pretrained(tmp_path)
-    else:
-        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-        model.config.save_pretrained(tmp_path)
+    write_tiny_bert(tmp_path, ["a", "red", "cube"], safe=safe)
     if safe:
         mlm = load_masked_lm(str(tmp_path))
         ids, _ = mlm.word_pieces(["a", "red", "cube"])

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -162,6 +162,15 @@ class Attack(Plugin):
     def take_adjustments(self) -> list[str]:
         return self.__dict__.pop("adjustments", [])
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the cell's count ``name`` (e.g. candidate edits a text constraint
+        rejected): the task records the counts among the cell's metrics."""
+        counts = self.__dict__.setdefault("counts", {})
+        counts[name] = counts.get(name, 0) + int(n)
+
+    def take_counts(self) -> dict[str, int]:
+        return self.__dict__.pop("counts", {})
+
     def work(self, task: str, images: int, texts: int, classes: int) -> Any:
         """The operations one cell runs (a :class:`vlbench.monitor.cost.Work`) on ``images`` images
         whose task has ``texts`` texts (class prompts or captions) and ``classes`` classes
@@ -189,10 +198,14 @@ class TextObjective(Protocol):
 
     ``texts`` are the clean texts the attack may change (class prompts for classification,
     captions for retrieval); ``score(candidates, row)`` rates replacement texts for
-    ``texts[row]`` in one batch, higher being worse for the victim.
+    ``texts[row]`` in one batch, higher being worse for the victim. ``meaning`` is the
+    dataset's parser from a text to what it states (compared with ``==``; the world's
+    :func:`~vlbench.world.scenes.scene_from_caption`), or None when the dataset has none:
+    attacks that must keep the meaning compare a candidate's with the clean text's.
     """
 
     texts: list[str]
+    meaning: Callable[[str], Any] | None
 
     def score(self, candidates: list[str], row: int) -> torch.Tensor:
         ...
@@ -267,6 +280,11 @@ class Defense(Plugin):
         """The operations ``fit`` runs (a :class:`vlbench.monitor.cost.Work`), for the run's time
         estimate; None if unknown."""
         return None
+
+    def apply(self, victim) -> None:
+        """Change ``victim`` at inference time, after training and on every load from the
+        cache: e.g. an input transform (``victim.set_input_transform``), which is not part of
+        the weights. Nothing by default."""
 
     def fit(self, victim, run) -> dict[str, Any]:
         """Train ``victim`` in place; return a summary (losses, timings) for the record.

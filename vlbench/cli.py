@@ -7,6 +7,7 @@
     vlbench ls defenses|attacks|datasets
     vlbench leaderboard RESULTS_DIR
     vlbench compare RESULTS_DIR --defenses A,B
+    vlbench audit DEFENSE[,DEFENSE] [--checks FILE] [run matrix's options]
     vlbench world pretrain [--force]
     vlbench prepare defense|attack NAME [--set KEY=VALUE]
 
@@ -36,6 +37,7 @@ EPILOG = """examples:
   vlbench run matrix --executor slurm                  # SLURM jobs (executor: section of the config)
   vlbench run matrix --shard 0/4                       # the first quarter of the plan (0/4 ... 3/4)
   vlbench status runs/world                            # done, running, failed, pending
+  vlbench audit tecoa,fare                             # gradient-masking checks (configs/audit.yaml)
 """
 
 
@@ -58,9 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_kinds = run.add_subparsers(dest="what", required=True)
     matrix = run_kinds.add_parser("matrix", help="defenses × attacks × datasets, one result file per cell",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    matrix.add_argument("--config", type=Path, help="matrix YAML (default: the embedded world config)")
     matrix.add_argument("--defenses", type=_names, help="comma-separated defense labels or names")
     matrix.add_argument("--attacks", type=_names, help="comma-separated attack labels or names")
+    _add_run_arguments(matrix)
+
+    audit = commands.add_parser("audit", help="gradient-masking checks on defenses (configs/audit.yaml); "
+                                "exit status 1 if one fails")
+    audit.add_argument("defenses", type=_names, metavar="DEFENSE[,DEFENSE]",
+                       help="defense labels of the matrix config (or registered names, default parameters)")
+    audit.add_argument("--checks", type=Path, help="audit config (default: the config's checks:, else configs/audit.yaml)")
+    _add_run_arguments(audit)
+    return _add_more_commands(parser, commands)
+
+
+def _add_run_arguments(matrix: argparse.ArgumentParser) -> None:
+    """The options of a run, shared by ``run matrix`` and ``audit``."""
+    matrix.add_argument("--config", type=Path, help="matrix YAML (default: the embedded world config)")
     matrix.add_argument("--datasets", type=_names, help="comma-separated dataset names")
     matrix.add_argument("--limit", type=int, help="evaluate a seeded, fixed subset of N samples")
     matrix.add_argument("--out", type=Path, help="results folder (default from the config)")
@@ -88,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--no-wait", action="store_true", help="slurm: submit and return (follow with vlbench status)")
     _add_plugin_flag(matrix)
 
+
+def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="a results folder's cells: done, running, failed or pending")
     status.add_argument("results_dir", type=Path)
 
@@ -159,14 +176,12 @@ def matrix_config(args: argparse.Namespace):
     return cfg
 
 
-def cmd_run_matrix(args: argparse.Namespace) -> int:
+def _prepare_run(args: argparse.Namespace):
+    """The matrix config of a run command, with its data roots and plugin files loaded."""
     import os
 
     from vlbench import plugins
     from vlbench.data import datasets
-    from vlbench.reporting.leaderboard import write_leaderboard
-    from vlbench.run.matrix import RunFailed, Selection, parse_shard, run_matrix
-    from vlbench.store.embeddings import EmbeddingCache
 
     if args.data_root:
         os.environ["VLBENCH_DATA"] = str(args.data_root)
@@ -176,7 +191,17 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
             raise UserError(f"--dataset-root {item!r} is not NAME=PATH", "write e.g. --dataset-root cifar10=/data/cifar")
         datasets.root_overrides[name] = Path(path)
     plugins.load_files(args.plugin)
-    cfg = matrix_config(args)
+    return matrix_config(args)
+
+
+def _execute(cfg, args: argparse.Namespace):
+    """Run ``cfg``'s cells on the executor the config and flags choose; returns the plan, or
+    None when cells were submitted without waiting."""
+    from vlbench.data import datasets
+    from vlbench.reporting.leaderboard import write_leaderboard
+    from vlbench.run.matrix import RunFailed, Selection, parse_shard, run_matrix
+    from vlbench.store.embeddings import EmbeddingCache
+
     selection = Selection(shard=parse_shard(args.shard) if args.shard else None, retry_failed=args.retry_failed)
     report = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     shared = dict(selection=selection, plugin_files=[str(Path(p).resolve()) for p in args.plugin],
@@ -189,23 +214,77 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
             from vlbench.run.slurm import run_on_slurm
 
             plan = run_on_slurm(cfg, report, wait=not args.no_wait, **shared)
-            if args.no_wait:
-                return 0
-        elif cfg.executor.workers > 1:
+            return None if args.no_wait else plan
+        if cfg.executor.workers > 1:
             from vlbench.run.workers import run_workers
 
-            plan = run_workers(cfg, cfg.executor.workers, report, **shared)
-        else:
-            plan = run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache),
-                              report=report, selection=selection)
+            return run_workers(cfg, cfg.executor.workers, report, **shared)
+        return run_matrix(cfg, progress=not args.no_progress, cache=EmbeddingCache(enabled=not args.no_cache),
+                          report=report, selection=selection)
     except RunFailed:
         write_leaderboard(cfg.out)  # of the cells that finished
         raise
+
+
+def _summary(cfg, plan) -> None:
     print(f"{len(plan.cells)} cells in {cfg.out}/cells"
           + (f"; {len(plan.skipped)} skipped, where the attack is not defined for the task (-v lists them)"
              if plan.skipped else ""), file=sys.stderr)
+
+
+def _audit(cfg, audit, args: argparse.Namespace, defenses=None) -> dict | None:
+    """Run the audit's cells and checks for ``defenses`` (default: the config's); None when
+    its cells were submitted without waiting."""
+    from vlbench.reporting.checks import format_report
+    from vlbench.reporting.leaderboard import write_leaderboard
+    from vlbench.run.audit import audit_matrix, decide
+
+    audited = audit_matrix(cfg, audit, defenses, limit=args.limit)
+    plan = _execute(audited, args)
+    if plan is None:
+        return None
+    _summary(audited, plan)
+    write_leaderboard(audited.out)
+    labels = [spec.label for spec in audited.defenses]
+    report = decide(cfg, audit, labels)
+    print(format_report(report, labels))
+    return report
+
+
+def cmd_run_matrix(args: argparse.Namespace) -> int:
+    from vlbench.reporting.leaderboard import write_leaderboard
+    from vlbench.run.audit import AuditConfig
+
+    cfg = _prepare_run(args)
+    audit = AuditConfig.load(cfg.checks) if cfg.checks else None
+    plan = _execute(cfg, args)
+    if plan is None:
+        return 0
+    _summary(cfg, plan)
+    if audit is not None and _audit(cfg, audit, args) is None:
+        return 0
     write_leaderboard(cfg.out, print_markdown=True)
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from vlbench.reporting.leaderboard import write_leaderboard
+    from vlbench.run.audit import AuditConfig
+
+    from vlbench.run.matrix import select
+
+    defenses, args.defenses, args.attacks = args.defenses, None, None
+    cfg = _prepare_run(args)
+    if args.checks is not None:
+        audit = AuditConfig.load(str(args.checks))
+    else:
+        audit = AuditConfig.load(cfg.checks or True)
+    report = _audit(cfg, audit, args, select(cfg.defenses, defenses))
+    if report is None:
+        return 0
+    if (Path(cfg.out) / "cells").is_dir():
+        write_leaderboard(cfg.out)  # its rows now carry the audit's flags
+    return 1 if any(entry["failed"] for entry in report.values()) else 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -305,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
-                "prepare": cmd_prepare, "status": cmd_status, "compare": cmd_compare}
+                "prepare": cmd_prepare, "status": cmd_status, "compare": cmd_compare, "audit": cmd_audit}
     try:
         return handlers[args.command](args)
     except UserError as exc:

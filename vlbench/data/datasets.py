@@ -189,7 +189,7 @@ def load_dataset(name: str, split: str | None = None) -> EvalData:
                             "write the class name slot as {c}")
     elif not loaded.captions:
         raise UserError(f"retrieval dataset {name!r} has no captions", "check its loader")
-    return EvalData(spec, loaded.images, classnames, templates, loaded.captions)
+    return EvalData(spec, loaded.images, classnames, templates, loaded.captions, loaded.meaning)
 
 
 def subset_indices(n_total: int, limit: int | None, seed: int) -> list[int]:

@@ -61,23 +61,31 @@ class DatasetSpec:
 
 @dataclass
 class LoadedSplit:
-    """What a loader returns."""
+    """What a loader returns. ``meaning``, when the format has one, parses a text (a class
+    prompt or caption) to what it states, compared with ``==`` (see :class:`EvalData`)."""
 
     images: torch.utils.data.Dataset
     classnames: list[str] | None = None
     captions: list[list[str]] | None = None
     templates: list[str] | None = None
+    meaning: Callable[[str], Any] | None = None
 
 
 @dataclass
 class EvalData:
-    """A dataset ready for evaluation: images plus class prompts or captions."""
+    """A dataset ready for evaluation: images plus class prompts or captions.
+
+    ``meaning`` is the dataset's parser from a text to what it states (the world's
+    :func:`~vlbench.world.scenes.scene_from_caption`), or None: text attacks constrained
+    to keep the meaning of what they edit need it.
+    """
 
     spec: DatasetSpec
     images: torch.utils.data.Dataset
     classnames: list[str] | None
     templates: list[str] | None
     captions: list[list[str]] | None
+    meaning: Callable[[str], Any] | None = None
 
     @property
     def name(self) -> str:

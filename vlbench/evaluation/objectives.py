@@ -6,7 +6,8 @@ cosine for text attacks; and :class:`MultimodalProblem`, what a multimodal attac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,22 @@ class ClassificationObjective:
     """
 
     def __init__(self, victim: Victim, weights: torch.Tensor, labels: torch.Tensor,
-                 noise: SampleNoise | None = None, attack_only_correct: bool = False):
+                 noise: SampleNoise | None = None, attack_only_correct: bool = False,
+                 weights_for: Callable[[Victim], torch.Tensor] | None = None):
         self.victim, self.weights, self.labels, self.noise = victim, weights, labels, noise
         #: image attacks may leave the samples :meth:`correct` already rejects unattacked:
         #: they count as errors whatever the attack does (AutoAttack's rule)
         self.attack_only_correct = attack_only_correct
+        #: another model's class weights for the same prompts (see :meth:`on`)
+        self.weights_for = weights_for
+
+    def on(self, victim: Victim) -> "ClassificationObjective":
+        """The same problem posed to ``victim`` (a transfer attack's surrogate): its own class
+        weights for the same prompts, the same labels and noise, every sample attacked."""
+        if self.weights_for is None:
+            raise ValueError("this objective was built without a way to pose it to another model")
+        return ClassificationObjective(victim, self.weights_for(victim), self.labels, self.noise,
+                                       weights_for=self.weights_for)
 
     @property
     def num_classes(self) -> int:
@@ -46,7 +58,7 @@ class ClassificationObjective:
 
     def subset(self, rows: torch.Tensor) -> "ClassificationObjective":
         return ClassificationObjective(self.victim, self.weights, self.labels[rows], _noise_subset(self.noise, rows),
-                                       self.attack_only_correct)
+                                       self.attack_only_correct, self.weights_for)
 
     def identity(self) -> str:
         return _objective_identity(self, {"weights": self.weights, "labels": self.labels},
@@ -66,14 +78,24 @@ class RetrievalObjective:
     """Image→text InfoNCE over the gallery captions, with every own caption a positive."""
 
     def __init__(self, victim: Victim, text_embeddings: torch.Tensor, positives: torch.Tensor,
-                 noise: SampleNoise | None = None):
+                 noise: SampleNoise | None = None, texts_for: Callable[[Victim], torch.Tensor] | None = None):
         self.victim, self.texts, self.positives, self.noise = victim, text_embeddings, positives, noise
+        #: another model's embeddings of the same gallery captions (see :meth:`on`)
+        self.texts_for = texts_for
+
+    def on(self, victim: Victim) -> "RetrievalObjective":
+        """The same problem posed to ``victim`` (a transfer attack's surrogate): its own
+        embeddings of the same captions, the same positives and noise."""
+        if self.texts_for is None:
+            raise ValueError("this objective was built without a way to pose it to another model")
+        return RetrievalObjective(victim, self.texts_for(victim), self.positives, self.noise, self.texts_for)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.victim.logit_scale * self.victim.encode_image(images) @ self.texts.T
 
     def subset(self, rows: torch.Tensor) -> "RetrievalObjective":
-        return RetrievalObjective(self.victim, self.texts, self.positives[rows], _noise_subset(self.noise, rows))
+        return RetrievalObjective(self.victim, self.texts, self.positives[rows], _noise_subset(self.noise, rows),
+                                  self.texts_for)
 
     def identity(self) -> str:
         return _objective_identity(self, {"texts": self.texts, "positives": self.positives})
@@ -97,8 +119,8 @@ class EmbeddingShiftObjective:
     the normalised clean and candidate text embeddings."""
 
     def __init__(self, victim: Victim, texts: list[str], clean_embeddings: torch.Tensor,
-                 embed: TextEmbeddings | None = None):
-        self.victim, self.texts = victim, texts
+                 embed: TextEmbeddings | None = None, meaning: Callable[[str], object] | None = None):
+        self.victim, self.texts, self.meaning = victim, texts, meaning
         self.clean_log_probs = F.log_softmax(clean_embeddings, dim=-1)
         self.embed = embed or TextEmbeddings(victim)
 
@@ -112,7 +134,13 @@ class EmbeddingShiftObjective:
 
     def identity(self) -> str:
         """What the objective's value depends on: victim, texts and clean embeddings."""
-        return _objective_identity(self, {"guide": self.clean_log_probs}, texts=self.texts)
+        return _objective_identity(self, {"guide": self.clean_log_probs}, texts=self.texts, **_meaning_key(self))
+
+
+def _meaning_key(objective) -> dict:
+    """The text objective's meaning parser, by name, for its identity (none: nothing)."""
+    meaning = getattr(objective, "meaning", None)
+    return {} if meaning is None else {"meaning": f"{meaning.__module__}.{meaning.__qualname__}"}
 
 
 def _objective_identity(objective, tensors: dict[str, torch.Tensor], **extra) -> str:
@@ -130,8 +158,8 @@ class ImageGuidedTextObjective:
     and the embedding of the image it describes (Lu et al., ICCV 2023, §3.3)."""
 
     def __init__(self, victim: Victim, texts: list[str], paired_image_embeddings: torch.Tensor,
-                 embed: TextEmbeddings | None = None):
-        self.victim, self.texts, self.images = victim, texts, paired_image_embeddings
+                 embed: TextEmbeddings | None = None, meaning: Callable[[str], object] | None = None):
+        self.victim, self.texts, self.images, self.meaning = victim, texts, paired_image_embeddings, meaning
         self.embed = embed or TextEmbeddings(victim)
 
     def score_many(self, candidates: list[str], rows: list[int]) -> torch.Tensor:
@@ -142,7 +170,7 @@ class ImageGuidedTextObjective:
         return self.score_many(candidates, [row] * len(candidates))
 
     def identity(self) -> str:
-        return _objective_identity(self, {"guide": self.images}, texts=self.texts)
+        return _objective_identity(self, {"guide": self.images}, texts=self.texts, **_meaning_key(self))
 
 
 @dataclass
@@ -153,6 +181,9 @@ class MultimodalProblem:
     ``text_rows`` maps each caption to the row of its image (retrieval only). Rows index the
     evaluated subset; ``noise`` keys random starts by sample, for the whole subset. ``memo``
     is what the victim's cells share (stages equal to another cell's attack are computed once).
+    ``meaning`` is the dataset's text parser, passed to the text objectives it builds
+    (:class:`vlbench.api.TextObjective`). The counts its stages' attacks make
+    (:meth:`vlbench.api.Attack.count`) are collected for the multimodal attack's cell.
     """
 
     task: str
@@ -165,15 +196,25 @@ class MultimodalProblem:
     text_rows: torch.Tensor | None = None
     noise: SampleNoise | None = None
     memo: EvalMemo | None = None
+    meaning: Callable[[str], object] | None = None
+    stage_counts: dict = field(default_factory=dict)
+
+    def _collect(self, attack) -> None:
+        for name, n in attack.take_counts().items():
+            self.stage_counts[name] = self.stage_counts.get(name, 0) + n
 
     def perturb_texts(self, attack: TextAttack, objective, generator: torch.Generator) -> list[str]:
         """A text stage: ``attack`` on ``objective`` (see :func:`perturb_texts`)."""
-        return perturb_texts(attack, self.victim, objective, generator, self.memo)
+        texts = perturb_texts(attack, self.victim, objective, generator, self.memo)
+        self._collect(attack)
+        return texts
 
     def perturb_images(self, attack: ImageAttack, images: torch.Tensor, objective,
                        generator: torch.Generator) -> torch.Tensor:
         """An image stage: ``attack`` on ``images`` under ``objective`` (see :func:`perturb_images`)."""
-        return perturb_images(attack, self.victim, images, objective, generator, self.memo)
+        images = perturb_images(attack, self.victim, images, objective, generator, self.memo)
+        self._collect(attack)
+        return images
 
     def image_objective(self, rows: torch.Tensor, text_embeddings: torch.Tensor):
         """The task's image objective for ``rows`` against (possibly adversarial) texts.
@@ -195,14 +236,16 @@ class MultimodalProblem:
         return self.memo.embed if self.memo is not None else None
 
     def embedding_shift_objective(self) -> EmbeddingShiftObjective:
-        return EmbeddingShiftObjective(self.victim, self.texts, self.clean_text_embeddings, self._embed())
+        return EmbeddingShiftObjective(self.victim, self.texts, self.clean_text_embeddings, self._embed(),
+                                       self.meaning)
 
     def image_guided_objective(self, image_embeddings: torch.Tensor) -> ImageGuidedTextObjective:
         """Each caption against the given embedding of its own image (retrieval only)."""
         if self.text_rows is None:
             raise ValueError("image-guided text objectives need captions paired with images")
         return ImageGuidedTextObjective(self.victim, self.texts,
-                                        image_embeddings[self.text_rows].to(self.victim.device), self._embed())
+                                        image_embeddings[self.text_rows].to(self.victim.device), self._embed(),
+                                        self.meaning)
 
     def captions_of(self, rows: torch.Tensor) -> torch.Tensor:
         """[len(rows), n_texts] bool: which texts describe each image row (retrieval only)."""

@@ -270,6 +270,21 @@ class NormBallAttack(ImageAttack):
         return count
 
 
+def attacked_samples(attack, objective, images: torch.Tensor):
+    """``(rows, objective, images)`` of the samples ``attack`` works on: with an objective
+    that sets ``attack_only_correct``, the samples the model gets right; else all of them."""
+    if not getattr(objective, "attack_only_correct", False):
+        return slice(None), objective, images
+    # A sample the model already gets wrong counts as an error whatever the attack does, so
+    # only the others are attacked (AutoAttack's rule; per-sample random starts make the
+    # attacked samples' results the same as attacking them all).
+    with torch.no_grad():
+        rows = objective.correct(images).nonzero().squeeze(1)
+    attack.adjust(f"{attack.name}: only the samples classified correctly when clean are attacked; "
+                  "the others count as errors")
+    return rows, objective.subset(rows), images[rows]
+
+
 class ProjectedGradientAttack(NormBallAttack):
     """Base of the PGD family: parameters, threat model and loop; subclasses choose the loss.
 
@@ -310,19 +325,9 @@ class ProjectedGradientAttack(NormBallAttack):
     def perturb_images(self, victim, images: torch.Tensor, objective, generator: torch.Generator) -> torch.Tensor:
         eps, step_size = self.radius()
         result = images.clone()
-        if getattr(objective, "attack_only_correct", False):
-            # A sample the model already gets wrong counts as an error whatever the attack
-            # does, so only the others are attacked (AutoAttack's rule; per-sample random
-            # starts make the attacked samples' results the same as attacking them all).
-            with torch.no_grad():
-                rows = objective.correct(images).nonzero().squeeze(1)
-            self.adjust(f"{self.name}: only the samples classified correctly when clean are attacked; "
-                        "the others count as errors")
-            if len(rows) == 0:
-                return result
-            objective, images = objective.subset(rows), images[rows]
-        else:
-            rows = slice(None)
+        rows, objective, images = attacked_samples(self, objective, images)
+        if len(images) == 0:
+            return result
         result[rows] = projected_gradient_ascent(
             images, lambda x, r: self.loss(objective, x, r), objective.correct,
             self.params.norm, eps, step_size, self.params.steps, self.params.restarts,

@@ -17,14 +17,18 @@ from vlbench.store.files import tensor_fingerprint
 def perturb_texts(attack: TextAttack, victim: Victim, objective, generator: torch.Generator,
                   memo: EvalMemo | None = None) -> list[str]:
     """Run a text attack and check its output; with ``memo``, a deterministic attack run
-    before on the same objective returns its earlier texts."""
+    before on the same objective returns its earlier texts (and records its counts again)."""
     def compute() -> list[str]:
         adversarial = attack.perturb_texts(victim, objective, generator)
         if len(adversarial) != len(objective.texts) or not all(isinstance(t, str) for t in adversarial):
             raise RuntimeError(f"attack {attack.name} returned {len(adversarial)} texts for {len(objective.texts)}")
         return list(adversarial)
 
-    return list(memo.attack(attack, objective, "", compute) if memo is not None else compute())
+    if memo is None:
+        return compute()
+    adversarial, made = memo.attack(attack, objective, "", lambda: _recorded(attack, compute))
+    _record(attack, *made)
+    return list(adversarial)
 
 
 def perturb_images(attack: ImageAttack, victim: Victim, images: torch.Tensor, objective,
@@ -41,25 +45,29 @@ def perturb_images(attack: ImageAttack, victim: Victim, images: torch.Tensor, ob
     if memo is None or getattr(objective, "noise", None) is None:
         return compute()
 
-    def compute_and_record():
-        # the notes and adjustments this computation makes are part of its result: a cell
-        # that reuses it records them as its own
-        earlier = attack.take_notes(), attack.take_adjustments()
-        adversarial = compute()
-        made = attack.take_notes(), attack.take_adjustments()
-        _record(attack, *earlier)
-        return adversarial, made
-
-    adversarial, made = memo.attack(attack, objective, tensor_fingerprint({"images": images}), compute_and_record)
+    adversarial, made = memo.attack(attack, objective, tensor_fingerprint({"images": images}),
+                                    lambda: _recorded(attack, compute))
     _record(attack, *made)
     return adversarial
 
 
-def _record(attack: Attack, notes: list[str], adjustments: list[str]) -> None:
+def _recorded(attack: Attack, compute):
+    """``(compute(), what it recorded)``: the notes, adjustments and counts a computation
+    makes are part of its result, so a cell that reuses it records them as its own."""
+    earlier = attack.take_notes(), attack.take_adjustments(), attack.take_counts()
+    result = compute()
+    made = attack.take_notes(), attack.take_adjustments(), attack.take_counts()
+    _record(attack, *earlier)
+    return result, made
+
+
+def _record(attack: Attack, notes: list[str], adjustments: list[str], counts: dict[str, int]) -> None:
     for message in notes:
         attack.note(message)
     for message in adjustments:
         attack.adjust(message)
+    for name, n in counts.items():
+        attack.count(name, n)
 
 
 def attack_texts(attack: TextAttack, ctx: EvalContext, objective, generator) -> list[str]:
@@ -90,6 +98,9 @@ def run_multimodal(ctx: EvalContext, data: EvalData, indices: list[int], attack:
     final = attack.final_texts(problem, texts, image_embeddings, generator)
     if len(final) != len(problem.texts):
         raise RuntimeError(f"attack {attack.name} returned {len(final)} final texts for {len(problem.texts)}")
+    for name, n in problem.stage_counts.items():  # what its stages' attacks counted
+        attack.count(name, n)
+    problem.stage_counts.clear()
     return image_embeddings, ctx.memo.embed(final).cpu(), final
 
 

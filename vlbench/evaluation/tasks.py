@@ -47,11 +47,23 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, attack: Attack, generator: torch.Generator) -> dict[str, float]:
+        """The handler's metrics, with the counts the attack made (:meth:`Attack.count`)."""
         handler = getattr(self, f"under_{attack.modality}", None)
         if handler is None:
             raise UserError(f"attack {attack.name} has modality {attack.modality!r}, which the "
                             f"{self.data.task} task cannot run", "use an image, text or multimodal attack")
-        return handler(attack, generator)
+        attack.take_counts()  # none left from an earlier, failed evaluation
+        metrics = handler(attack, generator)
+        for name, n in attack.take_counts().items():
+            if name in metrics:
+                raise RuntimeError(f"attack {attack.name} counts {name!r}, a metric of the {self.data.task} task")
+            metrics[name] = n
+        return metrics
+
+    @property
+    def meaning(self):
+        """The dataset's text parser for attacks that keep the meaning (None: it has none)."""
+        return getattr(self.data, "meaning", None)
 
 
 tasks: Registry[type[Task]] = Registry("task", base=Task)
@@ -62,6 +74,14 @@ def _labels(data: EvalData, indices: list[int]) -> torch.Tensor:
     if targets is not None:
         return torch.as_tensor([int(targets[i]) for i in indices])
     return torch.as_tensor([int(data.images[i][1]) for i in indices])
+
+
+def _on(task: Task, victim, compute) -> torch.Tensor:
+    """``compute()`` for ``victim``, once per task and model."""
+    made = task.__dict__.setdefault("_surrogates", {})
+    if victim.fingerprint() not in made:
+        made[victim.fingerprint()] = compute()
+    return made[victim.fingerprint()]
 
 
 def _top1(correct: torch.Tensor) -> float:
@@ -93,6 +113,11 @@ class ClassificationTask(Task):
     def sizes(data: EvalData, indices: list[int]) -> tuple[int, int]:
         return len(data.classnames) * len(data.templates), len(data.classnames)
 
+    def _weights_on(self, victim) -> torch.Tensor:
+        """Another model's zero-shot class weights (a transfer attack's surrogate)."""
+        return _on(self, victim, lambda: weights_from_prompt_embeddings(
+            victim.encode_texts(self.prompts).to(victim.device), len(self.data.classnames)))
+
     def _metrics(self, correct: torch.Tensor, **extra: float) -> dict[str, float]:
         correct = correct.cpu()
         self.samples.update(clean_top1=_bits(self.clean_correct), top1=_bits(correct))
@@ -105,13 +130,15 @@ class ClassificationTask(Task):
         ctx = self.ctx
         _, correct = adversarial_embeddings(
             ctx, self.data, self.indices, attack,
-            lambda images, targets: ClassificationObjective(ctx.victim, self.weights, targets, attack_only_correct=True),
+            lambda images, targets: ClassificationObjective(ctx.victim, self.weights, targets, attack_only_correct=True,
+                                                            weights_for=self._weights_on),
             generator)
         return self._metrics(correct)
 
     def under_text(self, attack, generator) -> dict[str, float]:
         ctx = self.ctx
-        objective = EmbeddingShiftObjective(ctx.victim, self.prompts, self.prompt_embeddings, ctx.memo.embed)
+        objective = EmbeddingShiftObjective(ctx.victim, self.prompts, self.prompt_embeddings, ctx.memo.embed,
+                                            self.meaning)
         adversarial = attack_texts(attack, ctx, objective, generator)
         attacked = weights_from_prompt_embeddings(ctx.memo.embed(adversarial), len(self.data.classnames))
         correct = (self.clean.to(attacked.device) @ attacked.T).argmax(dim=1).cpu() == self.labels
@@ -121,7 +148,8 @@ class ClassificationTask(Task):
         ctx, data = self.ctx, self.data
         problem = MultimodalProblem("classification", ctx.victim, self.prompts, self.prompt_embeddings,
                                     self.clean, labels=self.labels, n_classes=len(data.classnames),
-                                    noise=sample_noise(ctx, data, self.indices), memo=ctx.memo)
+                                    noise=sample_noise(ctx, data, self.indices), memo=ctx.memo,
+                                    meaning=self.meaning)
         images, texts, adversarial = run_multimodal(ctx, data, self.indices, attack, problem, generator)
         attacked = weights_from_prompt_embeddings(texts, len(data.classnames))
         return self._metrics((images @ attacked.T).argmax(dim=1).cpu() == self.labels,
@@ -151,6 +179,10 @@ class RetrievalTask(Task):
     def sizes(data: EvalData, indices: list[int]) -> tuple[int, int]:
         return sum(len(data.captions[i]) for i in indices), 0
 
+    def _texts_on(self, victim) -> torch.Tensor:
+        """Another model's embeddings of the gallery captions (a transfer attack's surrogate)."""
+        return _on(self, victim, lambda: victim.encode_texts(self.texts).to(victim.device))
+
     def _metrics(self, images: torch.Tensor, texts: torch.Tensor, attacked: bool, **extra: float) -> dict[str, float]:
         metrics = {f"clean_{name}": _top1(hit) for name, hit in self.clean_hits.items()}
         ranks = first_positive_ranks(images, texts, self.text_to_image)
@@ -173,7 +205,7 @@ class RetrievalTask(Task):
 
         def objective(images: torch.Tensor, targets: torch.Tensor) -> RetrievalObjective:
             rows = torch.as_tensor([row_of[int(t)] for t in targets], device=owner.device)
-            return RetrievalObjective(ctx.victim, gallery, owner[None, :] == rows[:, None])
+            return RetrievalObjective(ctx.victim, gallery, owner[None, :] == rows[:, None], texts_for=self._texts_on)
 
         images, _ = adversarial_embeddings(ctx, self.data, self.indices, attack, objective, generator)
         return self._metrics(images, self.text_embeddings, attacked=True)
@@ -181,7 +213,7 @@ class RetrievalTask(Task):
     def under_text(self, attack, generator) -> dict[str, float]:
         ctx = self.ctx
         objective = ImageGuidedTextObjective(ctx.victim, self.texts, self.clean[self.text_to_image].to(ctx.victim.device),
-                                             ctx.memo.embed)
+                                             ctx.memo.embed, self.meaning)
         adversarial = attack_texts(attack, ctx, objective, generator)
         return self._metrics(self.clean, ctx.memo.embed(adversarial).cpu(), attacked=True,
                              max_words_changed=words_changed(self.texts, adversarial))
@@ -190,7 +222,8 @@ class RetrievalTask(Task):
         ctx = self.ctx
         problem = MultimodalProblem("retrieval", ctx.victim, self.texts, self.text_embeddings.to(ctx.victim.device),
                                     self.clean, text_rows=self.text_to_image,
-                                    noise=sample_noise(ctx, self.data, self.indices), memo=ctx.memo)
+                                    noise=sample_noise(ctx, self.data, self.indices), memo=ctx.memo,
+                                    meaning=self.meaning)
         images, texts, adversarial = run_multimodal(ctx, self.data, self.indices, attack, problem, generator)
         return self._metrics(images, texts, attacked=True, max_words_changed=words_changed(self.texts, adversarial))
 

@@ -81,7 +81,8 @@ def greedy_substitution(text: str, score: Callable[[list[str]], torch.Tensor],
 
 def greedy_substitutions(texts: Sequence[str], score: Callable[[list[str], list[int]], torch.Tensor],
                          candidates: Callable[[int, list[str], int], list[str]], budget: int,
-                         protected: frozenset[str] = STOP_WORDS) -> list[str]:
+                         protected: frozenset[str] = STOP_WORDS,
+                         accept: Callable[[list[str], list[int]], Sequence[bool]] | None = None) -> list[str]:
     """The greedy search above for many texts at once, each text searched on its own.
 
     ``score(texts, rows)`` rates ``texts[j]`` as a replacement of text ``rows[j]`` (one value
@@ -90,6 +91,12 @@ def greedy_substitutions(texts: Sequence[str], score: Callable[[list[str], list[
     the text encoder sees a few large batches instead of many small ones. Only positions the
     search may visit (not protected, alphanumeric) are ranked: the importance of the others
     would be computed and then skipped. Ties in importance go to the earlier word.
+
+    ``accept(texts, rows)`` (optional) is a constraint on the search: it says, for each
+    candidate text ``texts[j]`` of text ``rows[j]``, whether the edit may be made at all.
+    Rejected candidates are never scored; a word whose candidates are all rejected is passed
+    over like a word without candidates, and the search goes on to the next word. Without
+    it every candidate is scored.
     """
     words = [split_words(text) for text in texts]
     current = [list(w) for w in words]
@@ -117,20 +124,45 @@ def greedy_substitutions(texts: Sequence[str], score: Callable[[list[str], list[
         order[row] = [visitable[row][j] for j in ranked]
     cursor = dict.fromkeys(active, 0)
 
+    def edited(row: int, position: int, word: str) -> str:
+        cur = current[row]
+        return join_words(cur[:position] + [word] + cur[position + 1:])
+
     while active:
-        batch, owners, proposals = [], [], {}
+        proposals, waiting = {}, list(active)
+        while waiting:
+            # the next word with candidates of every waiting text
+            found = {}
+            for row in waiting:
+                while cursor[row] < len(order[row]):
+                    position = order[row][cursor[row]]
+                    cursor[row] += 1
+                    options = [w for w in dict.fromkeys(candidates(row, current[row], position))
+                               if w and w != words[row][position] and w not in protected]
+                    if options:
+                        found[row] = (position, options)
+                        break
+            waiting = []
+            if accept is not None and found:
+                asked = [(row, position, w) for row, (position, options) in found.items() for w in options]
+                allowed = list(accept([edited(*a) for a in asked], [row for row, _, _ in asked]))
+                kept: dict[int, list[str]] = {}
+                for (row, _, w), ok in zip(asked, allowed):
+                    if ok:
+                        kept.setdefault(row, []).append(w)
+                for row, (position, _) in list(found.items()):
+                    if row in kept:
+                        found[row] = (position, kept[row])
+                    else:  # every candidate rejected: on to this text's next word
+                        del found[row]
+                        waiting.append(row)
+            proposals.update(found)
+        batch, owners = [], []
         for row in active:
-            while cursor[row] < len(order[row]):
-                position = order[row][cursor[row]]
-                cursor[row] += 1
-                options = [w for w in dict.fromkeys(candidates(row, current[row], position))
-                           if w and w != words[row][position] and w not in protected]
-                if options:
-                    proposals[row] = (position, options)
-                    cur = current[row]
-                    batch += [join_words(cur[:position] + [w] + cur[position + 1:]) for w in options]
-                    owners += [row] * len(options)
-                    break
+            if row in proposals:
+                position, options = proposals[row]
+                batch += [edited(row, position, w) for w in options]
+                owners += [row] * len(options)
         if not batch:
             break
         values = score(batch, owners).tolist()

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import nn
 
 from vlbench.errors import UserError
 from vlbench.models.precision import autocast
-from vlbench.store.files import tensor_fingerprint
+from vlbench.store.files import stable_hash, tensor_fingerprint
 
 WORLD_MODEL = "vlbench-world"
 #: open_clip architecture configs of vlbench's own models (the world CLIP)
@@ -99,10 +99,19 @@ class Victim(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._fingerprint: str | None = None
+        #: an inference-time change to the pixels before the model (a defense's input
+        #: transform, :meth:`set_input_transform`), and what names it in the fingerprint
+        self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._input_identity: Any = None
+        # held in a tuple so that the module does not register it as a submodule
+        self._undefended: tuple["Victim", ...] = ()
 
     # -- encoders ---------------------------------------------------------------------------
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Resize to the model's input size and normalise; differentiable."""
+        """The defense's input transform (if any), then resize to the model's input size and
+        normalise; differentiable wherever the transform is."""
+        if self.input_transform is not None:
+            pixels = self.input_transform(pixels)
         if pixels.shape[-2:] != self.image_size:
             pixels = F.interpolate(pixels, size=self.image_size, mode="bicubic", align_corners=False)
         return ((pixels - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
@@ -167,10 +176,30 @@ class Victim(nn.Module):
 
     # -- identity -----------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """A hash of the weights: the cache key of everything computed with this model."""
+        """A hash of the weights and the input transform: the cache key of everything
+        computed with this model."""
         if self._fingerprint is None:
-            self._fingerprint = tensor_fingerprint(self.model.state_dict())
+            weights = tensor_fingerprint(self.model.state_dict())
+            self._fingerprint = (weights if self.input_transform is None
+                                 else stable_hash({"weights": weights, "input_transform": self._input_identity}))
         return self._fingerprint
+
+    def set_input_transform(self, transform: Callable[[torch.Tensor], torch.Tensor], identity: Any) -> None:
+        """Apply ``transform`` to the pixels (in [0, 1], before resizing) of every image the
+        model sees; ``identity`` (JSON-able: the transform's name and settings) joins the
+        fingerprint, so nothing computed without the transform is reused with it."""
+        self.input_transform, self._input_identity = transform, identity
+        self._fingerprint = None
+
+    @property
+    def undefended(self) -> "Victim | None":
+        """The undefended model this one was made from (a transfer attack's surrogate), if known."""
+        return self._undefended[0] if self._undefended else None
+
+    def set_undefended(self, base: "Victim | None") -> None:
+        # not a property setter: nn.Module would register a Victim assigned to an attribute
+        # as a submodule, and its weights would join this model's
+        self._undefended = () if base is None else (base,)
 
     def weights_changed(self) -> None:
         """Call after training: the fingerprint is recomputed on next use."""

@@ -30,7 +30,7 @@ import pandas as pd
 
 from vlbench.errors import UserError
 from vlbench.evaluation.tasks import PRIMARY_METRICS
-from vlbench.reporting import statistics
+from vlbench.reporting import checks, statistics
 from vlbench.store.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,10 @@ def plugin_versions(config: dict) -> list[str]:
 
 
 def load_results(results_dir: Path) -> list[dict]:
+    """Every result cell under ``results_dir``, except its audit's (a results folder of its own)."""
     results = []
     for path in sorted(Path(results_dir).rglob("*.json")):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.relative_to(results_dir).parts[0] == checks.AUDIT_FOLDER:
             continue
         try:
             result = json.loads(path.read_text())
@@ -341,6 +342,33 @@ def flags(results: list[dict]) -> list[str]:
     return notes
 
 
+def text_constraints(results: list[dict]) -> list[str]:
+    """What the text and multimodal columns' edits had to keep: per attack label, the share
+    of candidate edits its cells rejected for changing what the text states (the counts
+    ``edits_rejected`` / ``edits_considered`` of constrained attacks), and which labels
+    scored every edit (unconstrained: the papers' protocol)."""
+    counted: dict[str, list[int]] = {}
+    free = set()
+    for r in results:
+        metrics = r.get("metrics", {})
+        if "edits_considered" in metrics:
+            total = counted.setdefault(r["attack"], [0, 0])
+            total[0] += int(metrics.get("edits_rejected", 0))
+            total[1] += int(metrics["edits_considered"])
+        elif r.get("config", {}).get("attack", {}).get("threat_model", {}).get("modality") in ("text", "multimodal"):
+            free.add(r["attack"])
+    notes = []
+    if counted:
+        shares = ", ".join(f"{label} {100 * rejected / max(considered, 1):.0f}% of {considered:,}"
+                           for label, (rejected, considered) in sorted(counted.items()))
+        notes.append("text edits kept to the meaning (the dataset's parser reads the same attributes from the edited "
+                     f"text); candidate edits rejected for changing it: {shares}")
+    if free:
+        notes.append("unconstrained text edits (every candidate scored, the papers' protocol): "
+                     + ", ".join(sorted(free - set(counted))))
+    return [note for note in notes if not note.endswith(": ")]
+
+
 def _escape(text) -> str:
     return html.escape(str(text), quote=False)
 
@@ -352,6 +380,10 @@ def _html_table(numbers: pd.DataFrame) -> str:
     shown.index.name = _escape(numbers.index.name or "")
     shown.columns = [_escape(label) for label in shown.columns]
     return shown.to_html(escape=False, na_rep="–")
+
+
+def _flag_rows(table: pd.DataFrame, flagged: dict[str, str]) -> pd.DataFrame:
+    return table.rename(index=lambda defense: f"{defense} {flagged[defense]}" if defense in flagged else defense)
 
 
 def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> Path:
@@ -367,12 +399,21 @@ def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> 
     by_cell = {result["cell"]: result for result in results}
     headline = headline_metrics(long)
     table, notes = pivot(headline, by_cell)
-    notes += flags(results)
+    notes += flags(results) + text_constraints(results)
     swept = [label for labels in sweeps(headline).values() for label in labels]
     compact_tables = [*summaries(headline[~headline["attack"].isin(swept)], by_cell), *curves(headline, by_cell)]
     marked, mixed_notes = mark_mixed([*compact_tables, ("Every dataset", table, headline)])
     compact, (full_caption, _) = marked[:-1], marked[-1]
     notes += mixed_notes
+    flagged = checks.row_flags(results_dir)
+    if flagged:
+        notes.append("⚑ failed gradient-masking checks (Carlini et al. 2019 §5; `vlbench audit`, evidence in "
+                     f"{checks.AUDIT_FOLDER}/{checks.REPORT}): " + "; ".join(f"{d}: {f[2:]}" for d, f in flagged.items()))
+        compact = [(caption, _flag_rows(part, flagged)) for caption, part in compact]
+        table = _flag_rows(table, flagged)
+    audited = [d for d, entry in checks.read_report(results_dir).items() if entry.get("passed") and not entry.get("failed")]
+    if audited:
+        notes.append("passed every gradient-masking check the audit decided: " + ", ".join(audited))
     notes.append(f"± half the {statistics.LEVEL:.0%} bootstrap interval over samples; bold: the best value of each "
                  "column and every value not significantly below it on the same samples (exact McNemar for one "
                  f"accuracy, paired bootstrap for recall and means; p ≥ {statistics.ALPHA}); cells that did not "

@@ -185,6 +185,9 @@ class MatrixConfig:
     #: SLURM job's allocation); trained weights depend on it in their last bits (see README)
     threads: int | None = None
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    #: the gradient-masking audit to run after the matrix (vlbench.run.audit): true for
+    #: configs/audit.yaml, the path of an audit config, or one written inline
+    checks: bool | str | dict | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, source: str) -> "MatrixConfig":
@@ -368,6 +371,16 @@ def obtain_model(base: Victim, defense: api.Defense, progress: bool, label: str 
     others wait for its checkpoint, or with ``wait=False`` get None and do other work. A
     claim's owner that dies leaves its intermediate checkpoints, and the next owner resumes
     from them."""
+    found = _trained_model(base, defense, progress, label, wait, log_path, loading)
+    if found is not None:
+        victim = found[0]
+        victim.set_undefended(base)
+        defense.apply(victim)
+    return found
+
+
+def _trained_model(base: Victim, defense: api.Defense, progress: bool, label: str | None, wait: bool,
+                   log_path: str, loading: Loading | None) -> tuple[Victim, dict] | None:
     from safetensors.torch import load_file
 
     if not defense.trains:

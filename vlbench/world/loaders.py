@@ -4,7 +4,8 @@
 ``world_retrieval`` is an image-text retrieval gallery with five captions per image. Images
 are rendered at 32×32, the world's native resolution, so the card's ``root`` and
 ``transform`` do not apply. Rendered splits are cached in memory: the five attribute tasks
-over the same split share one rendering.
+over the same split share one rendering. Both read a text's meaning with the world's caption
+parser (:func:`~vlbench.world.scenes.scene_from_caption`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch.utils.data import Dataset
 
 from vlbench.data.spec import DatasetSpec, LoadedSplit
 from vlbench.errors import UserError
-from vlbench.world.scenes import ATTRIBUTES, SPLITS, TEMPLATES, Scene, describe, render, sample_scenes
+from vlbench.world.scenes import (ATTRIBUTES, SPLITS, TEMPLATES, Scene, describe, render, sample_scenes,
+                                  scene_from_caption)
 
 #: Images per classification split (test is what zero-shot tasks evaluate; defenses train on train).
 DEFAULT_SIZES = {"test": 2000, "train": 10000}
@@ -77,7 +79,7 @@ def load_world(spec: DatasetSpec, root=None, transform=None) -> LoadedSplit:
     classes = ATTRIBUTES[attribute]
     labels = torch.tensor([classes.index(getattr(scene, attribute)) for scene in scenes])
     return LoadedSplit(images=WorldImages(images, labels), classnames=list(classes),
-                       templates=list(TEMPLATES[attribute]))
+                       templates=list(TEMPLATES[attribute]), meaning=scene_from_caption)
 
 
 def load_world_retrieval(spec: DatasetSpec, root=None, transform=None) -> LoadedSplit:
@@ -86,4 +88,5 @@ def load_world_retrieval(spec: DatasetSpec, root=None, transform=None) -> Loaded
     n, seed = _options(spec, DEFAULT_GALLERY)
     scenes, images = world_split(spec.split, n, seed, unique_attributes=True)
     captions = [describe(scene, CAPTIONS_PER_IMAGE) for scene in scenes]
-    return LoadedSplit(images=WorldImages(images, torch.arange(len(scenes)), scenes), captions=captions)
+    return LoadedSplit(images=WorldImages(images, torch.arange(len(scenes)), scenes), captions=captions,
+                       meaning=scene_from_caption)

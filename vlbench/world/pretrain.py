@@ -44,8 +44,8 @@ from vlbench.monitor.timing import phase
 from vlbench.store.artifacts import artifact_path
 from vlbench.store.files import atomic_save_tensors, atomic_write_json, build_once
 from vlbench.training.loop import Schedule, fit, optimizer_step
-from vlbench.world.scenes import (ATTRIBUTES, TEMPLATES, Scene, describe, random_caption, render, sample_scenes,
-                                  scene_from_caption)
+from vlbench.world.scenes import (ATTRIBUTES, CAPTIONS_VERSION, TEMPLATES, Scene, describe, random_caption, render,
+                                  sample_scenes, scene_from_caption)
 
 RESOLUTION = 32
 
@@ -339,7 +339,8 @@ def pretrain_work(config: PretrainConfig):
 
 # -- the cache ----------------------------------------------------------------------------------
 def checkpoint_path(config: PretrainConfig) -> Path:
-    return artifact_path("world", {"config": asdict(config), "model": world_model_config()}, trained=True,
+    return artifact_path("world", {"config": asdict(config), "model": world_model_config(),
+                                   "captions": CAPTIONS_VERSION}, trained=True,
                          prefix=f"{WORLD_MODEL}-", suffix=".safetensors", digits=16)[0]
 
 

@@ -15,6 +15,13 @@ the same way ("in the top left"), so the spatial words are consistent for the te
 
 The renderer is also a perfect text→image generator (:func:`scene_from_caption` then
 :func:`render`) and the scene a perfect captioner (:func:`describe`).
+
+Some attribute values have synonyms (:data:`SYNONYMS`: crimson for red, tiny for small,
+centre for middle), which pretraining captions use in place of the class name now and then
+and the parser reads as that class. Without them every word a text attack could swap into an
+attribute's place names another value of it, and a caption that keeps its meaning under
+attack would be impossible. Zero-shot prompts and retrieval captions (:func:`describe`)
+use the class names only.
 """
 
 from __future__ import annotations
@@ -46,6 +53,23 @@ TEMPLATES: dict[str, list[str]] = {
     "texture": ["a photo of a {c} background.", "an object on a {c} background.",
                 "a shape in front of a {c} pattern."],
 }
+
+#: Other words for an attribute value: single words, each used by one value only and by no
+#: caption otherwise, so the parser reads any of them as that value.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("disc",), "diamond": ("rhombus",), "ring": ("hoop",),
+    "red": ("crimson", "scarlet"), "orange": ("amber",), "yellow": ("golden",), "green": ("emerald",),
+    "cyan": ("turquoise",), "blue": ("azure",), "purple": ("violet",), "pink": ("rose",),
+    "small": ("tiny", "little"), "medium": ("midsize",), "large": ("big", "huge"),
+    "middle": ("centre", "center"),
+    "plain": ("blank",), "striped": ("stripy",), "checkered": ("chequered",), "dotted": ("spotted",),
+    "noisy": ("grainy",), "wavy": ("rippled",),
+}
+#: How often a pretraining caption says an attribute value by one of its synonyms.
+SYNONYM_RATE = 0.25
+#: The version of what captions say and how (2: synonyms): part of the key of every model
+#: trained on them (the world CLIP, the world MLM), so a change retrains them.
+CAPTIONS_VERSION = 2
 
 SPLITS = ("train", "test")
 #: Share of the scene space that belongs to the test split (by a hash of the parameters).
@@ -335,13 +359,20 @@ CAPTION_MIX = {"full": 0.4, "single": 0.3, "subset": 0.3}
 SINGLE_WEIGHTS = {"shape": 1.0, "colour": 1.0, "size": 1.0, "position": 1.0, "texture": 1.0}
 
 
+def _worded(attrs: dict[str, str], rng: random.Random) -> dict[str, str]:
+    """``attrs`` with each value said by one of its :data:`SYNONYMS` at :data:`SYNONYM_RATE`."""
+    return {name: rng.choice(SYNONYMS[value]) if value in SYNONYMS and rng.random() < SYNONYM_RATE else value
+            for name, value in attrs.items()}
+
+
 def random_caption(scene: Scene, rng: random.Random) -> str:
-    """One caption for pretraining: a full description, one zero-shot prompt, or a subset.
+    """One caption for pretraining: a full description, one zero-shot prompt, or a subset,
+    its attribute values now and then said by a synonym.
 
     The mix keeps zero-shot prompts in distribution (single-attribute captions use the
     :data:`TEMPLATES` wordings) and teaches full descriptions for retrieval.
     """
-    attrs = scene.attributes()
+    attrs = _worded(scene.attributes(), rng)
     draw = rng.random()
     if draw < CAPTION_MIX["full"]:
         return rng.choice(_DESCRIPTIONS).format(**attrs)
@@ -353,13 +384,15 @@ def random_caption(scene: Scene, rng: random.Random) -> str:
 
 
 _CLASS_PATTERNS = {
-    name: [(value, re.compile(r"\b" + re.escape(value) + r"\b")) for value in values]
+    name: [(value, re.compile(r"\b(?:" + "|".join(map(re.escape, (value, *SYNONYMS.get(value, ())))) + r")\b"))
+           for value in values]
     for name, values in ATTRIBUTES.items()
 }
 
 
 def scene_from_caption(text: str) -> dict[str, str]:
-    """The attribute values a caption names (attribute → class); unmentioned ones are absent."""
+    """The attribute values a caption names (attribute → class, a synonym read as its
+    class); unmentioned ones are absent, and so are those it names two values of."""
     lowered = " ".join(text.lower().split())
     found = {}
     for name, patterns in _CLASS_PATTERNS.items():
