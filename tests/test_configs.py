@@ -13,8 +13,8 @@ def plan(name):
 
 
 @pytest.mark.parametrize("name, cells, skipped", [
-    ("world", 175, 77),       # 7 defense entries x 6 attacks x 6 datasets, minus cells that do not apply
-    ("world-attacks", 51, 15),     # 11 attacks x 6 datasets, minus classification-only / retrieval-only pairs
+    ("world", 266, 154),       # 7 defense entries x 10 attacks x 6 datasets, minus cells that do not apply
+    ("world-attacks", 70, 26),     # 16 attacks x 6 datasets, minus classification-only / retrieval-only pairs
     ("tecoa", 3 * 4 * 15, 0),
     ("mmcoa", 3 * 4 * 15, 0),
     ("fare", 4 * 3 * 12, 0),
