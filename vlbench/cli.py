@@ -73,35 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
     return _add_more_commands(parser, commands)
 
 
-def _add_run_arguments(matrix: argparse.ArgumentParser) -> None:
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a run, shared by ``run matrix`` and ``audit``."""
-    matrix.add_argument("--config", type=Path, help="matrix YAML (default: the embedded world config)")
-    matrix.add_argument("--datasets", type=_names, help="comma-separated dataset names")
-    matrix.add_argument("--limit", type=int, help="evaluate a seeded, fixed subset of N samples")
-    matrix.add_argument("--out", type=Path, help="results folder (default from the config)")
-    matrix.add_argument("--seed", type=int)
-    matrix.add_argument("--device", help="cpu or cuda")
-    matrix.add_argument("--precision", choices=PRECISIONS,
+    parser.add_argument("--config", type=Path, help="matrix YAML (default: the embedded world config)")
+    parser.add_argument("--datasets", type=_names, help="comma-separated dataset names")
+    parser.add_argument("--limit", type=int, help="evaluate a seeded, fixed subset of N samples")
+    parser.add_argument("--out", type=Path, help="results folder (default from the config)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="cpu or cuda")
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="forward-pass precision (default fp32; bf16/fp16 only where native)")
-    matrix.add_argument("--batch-size", type=int)
-    matrix.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32")
-    matrix.add_argument("--pretrained", help="open_clip pretrained tag or a checkpoint path")
-    matrix.add_argument("--data-root", type=Path, help="folder holding the datasets (or $VLBENCH_DATA)")
-    matrix.add_argument("--dataset-root", action="append", default=[], metavar="NAME=PATH",
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32")
+    parser.add_argument("--pretrained", help="open_clip pretrained tag or a checkpoint path")
+    parser.add_argument("--data-root", type=Path, help="folder holding the datasets (or $VLBENCH_DATA)")
+    parser.add_argument("--dataset-root", action="append", default=[], metavar="NAME=PATH",
                         help="where one dataset lives (repeatable)")
-    matrix.add_argument("--data-workers", type=int, help="DataLoader processes decoding images (default 0)")
-    matrix.add_argument("--threads", type=int, help="CPU threads per process (default: all cores, or cores/N "
+    parser.add_argument("--data-workers", type=int, help="DataLoader processes decoding images (default 0)")
+    parser.add_argument("--threads", type=int, help="CPU threads per process (default: all cores, or cores/N "
                         "for N workers, or a SLURM job's CPUs)")
-    matrix.add_argument("--no-cache", action="store_true", help="recompute embeddings")
-    matrix.add_argument("--no-progress", action="store_true")
-    matrix.add_argument("--executor", choices=["local", "slurm"],
+    parser.add_argument("--no-cache", action="store_true", help="recompute embeddings")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--executor", choices=["local", "slurm"],
                         help="where cells run (default from the config's executor: section, else local)")
-    matrix.add_argument("--workers", type=int, help="local worker processes (default 1: sequential)")
-    matrix.add_argument("--shard", metavar="I/N",
+    parser.add_argument("--workers", type=int, help="local worker processes (default 1: sequential)")
+    parser.add_argument("--shard", metavar="I/N",
                         help="run only the I-th of N slices of the plan (I from 0), or 'auto' from torchrun/srun")
-    matrix.add_argument("--retry-failed", action="store_true", help="rerun only the cells recorded as failed")
-    matrix.add_argument("--no-wait", action="store_true", help="slurm: submit and return (follow with vlbench status)")
-    _add_plugin_flag(matrix)
+    parser.add_argument("--retry-failed", action="store_true", help="rerun only the cells recorded as failed")
+    parser.add_argument("--no-wait", action="store_true", help="slurm: submit and return (follow with vlbench status)")
+    _add_plugin_flag(parser)
 
 
 def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.ArgumentParser:
@@ -270,7 +270,6 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from vlbench.reporting.leaderboard import write_leaderboard
     from vlbench.run.audit import AuditConfig
-
     from vlbench.run.matrix import select
 
     defenses, args.defenses, args.attacks = args.defenses, None, None
