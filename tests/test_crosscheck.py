@@ -11,7 +11,11 @@ recipe of configs/world.yaml):
   sample: the algorithm is the same (step-size schedule, momentum, restarts from the best
   point, the returned iterate);
 - each with its own random starts, vlbench is at least as strong on every task: robust
-  accuracy at most torchattacks' plus one point. The table is in results/README.md.
+  accuracy, averaged over the random starts of :data:`SEEDS`, at most torchattacks' plus
+  one point. One draw each is not enough: from the same start the two are the same
+  computation, so what separates them is which borderline samples each draw happens to
+  break (measured: two or three samples of 100 either way on the robust model). The table
+  is in results/README.md.
 
 torchattacks is installed by the test, with ``--no-deps``, into a temporary folder: its
 metadata pins ``requests~=2.25.1``, which it never imports and which would downgrade
@@ -40,6 +44,8 @@ from vlbench.evaluation.objectives import ClassificationObjective
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["world-shape", "world-colour", "world-size", "world-position", "world-texture"]
 SAMPLES, EPS, ITERATIONS = 100, 4, 100
+#: The random starts (run seeds for vlbench, ``seed`` for torchattacks) averaged over.
+SEEDS = (0, 1, 2)
 VERSION = "3.5.1"
 
 pytestmark = pytest.mark.slow
@@ -73,9 +79,9 @@ def victims():
 
 class Problem:
     """One task's subset, as a matrix cell sees it: its images, labels, zero-shot classifier
-    and the evaluator's per-sample random starts (run seed 0)."""
+    and the evaluator's per-sample random starts (run seed ``seed``)."""
 
-    def __init__(self, victim, task: str):
+    def __init__(self, victim, task: str, seed: int = 0):
         data = load_dataset(task)
         indices = subset_indices(len(data.images), SAMPLES, 0)
         pairs = [data.images[i] for i in indices]
@@ -84,9 +90,9 @@ class Problem:
         self.classes = len(data.classnames)
         weights = classifier_weights(victim, data.classnames, data.templates)
         self.objective = ClassificationObjective(victim, weights, self.labels,
-                                                 sample_noise(SimpleNamespace(seed=0), data, indices),
+                                                 sample_noise(SimpleNamespace(seed=seed), data, indices),
                                                  attack_only_correct=True)
-        self.victim = victim
+        self.victim, self.seed = victim, seed
 
     def correct(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -95,7 +101,7 @@ class Problem:
     def vlbench(self, name: str) -> torch.Tensor:
         attack = api.build("attacks", name, {"eps": EPS, "iterations": ITERATIONS})
         return self.correct(attack.perturb_images(self.victim, self.images, self.objective,
-                                                  torch.Generator().manual_seed(0)))
+                                                  torch.Generator().manual_seed(self.seed)))
 
     def torchattacks(self, library, name: str, seed: int = 0) -> torch.Tensor:
         model = _Logits(self.objective).eval()
@@ -151,26 +157,36 @@ def test_apgd_gives_the_references_outcome_from_the_same_start(torchattacks, vic
 
 
 def test_vlbench_is_at_least_as_strong_as_torchattacks(torchattacks, victims):
+    names = ("apgd-ce", "apgd-t", "autoattack")
     rows, weaker = [], []
     for label, victim in victims.items():
         for task in TASKS:
-            problem = Problem(victim, task)
-            ours = {name: problem.vlbench(name) for name in ("apgd-ce", "apgd-t")}
-            ours["autoattack"] = ours["apgd-ce"] & ours["apgd-t"]
-            theirs = {"apgd-ce": problem.torchattacks(torchattacks, "apgd-ce")}
-            if problem.classes >= 4:
-                theirs["apgd-t"] = problem.torchattacks(torchattacks, "apgd-t")
-                theirs["autoattack"] = theirs["apgd-ce"] & theirs["apgd-t"]
+            ours, theirs = {n: [] for n in names}, {n: [] for n in names}
+            for seed in SEEDS:
+                problem = Problem(victim, task, seed)
+                mine = {name: problem.vlbench(name) for name in ("apgd-ce", "apgd-t")}
+                mine["autoattack"] = mine["apgd-ce"] & mine["apgd-t"]
+                other = {"apgd-ce": problem.torchattacks(torchattacks, "apgd-ce", seed)}
+                if problem.classes >= 4:
+                    other["apgd-t"] = problem.torchattacks(torchattacks, "apgd-t", seed)
+                    other["autoattack"] = other["apgd-ce"] & other["apgd-t"]
+                for name in names:
+                    ours[name].append(int(mine[name].sum()))
+                    if name in other:
+                        theirs[name].append(int(other[name].sum()))
             row = [label, task, str(int(problem.correct(problem.images).sum()))]
-            for name in ("apgd-ce", "apgd-t", "autoattack"):
-                mine = int(ours[name].sum())
-                other = int(theirs[name].sum()) if name in theirs else None
-                row.append(f"{mine} / {'–' if other is None else other}")
-                if other is not None and mine > other + 1:
-                    weaker.append(f"{label} {task} {name}: vlbench {mine}, torchattacks {other}")
+            for name in names:
+                mean = sum(ours[name]) / len(SEEDS)
+                if not theirs[name]:
+                    row.append(f"{mean:.1f} / –")
+                    continue
+                reference = sum(theirs[name]) / len(SEEDS)
+                row.append(f"{mean:.1f} / {reference:.1f}")
+                if mean > reference + 1:
+                    weaker.append(f"{label} {task} {name}: vlbench {ours[name]}, torchattacks {theirs[name]}")
             rows.append(row)
     header = ["defense", "task", "clean", "APGD-CE", "APGD-T", "AutoAttack (CE + T)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":--" for _ in header) + "|"]
-    print("\nrobust top-1 on 100 samples, vlbench / torchattacks\n" + "\n".join(
-        lines + ["| " + " | ".join(row) + " |" for row in rows]))
+    print(f"\nrobust top-1 on {SAMPLES} samples, mean over the starts of seeds {SEEDS}, vlbench / torchattacks\n"
+          + "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]))
     assert not weaker, weaker

@@ -111,7 +111,7 @@ def test_world_pretraining_step_against_a_bare_open_clip_step(benchmark):
     torch.manual_seed(0)
     model = open_clip.CLIP(**world_model_config()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    indices, captions, targets = run.batch()
+    indices, captions, targets = run.batch(0)
     pixels, tokens = run.images[indices], run.victim.tokenizer(captions)
     bare = []
     steps = iter(range(10, 10_000))

@@ -180,6 +180,21 @@ def test_pretraining_is_deterministic():
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+
+def test_pretraining_captions_say_class_names_alone_until_the_text_tower_trains():
+    from vlbench.world.pretrain import PretrainConfig, Pretraining
+    from vlbench.world.scenes import SYNONYMS
+
+    synonyms = {word for words in SYNONYMS.values() for word in words}
+
+    def synonyms_in(run, step):
+        _, captions, _ = run.batch(step)
+        return sum(word.strip(".,") in synonyms for caption in captions for word in caption.split())
+
+    run = Pretraining(PretrainConfig(**{**TINY, "batch_size": 64, "plain_caption_steps": 2}))
+    assert synonyms_in(run, 0) == synonyms_in(run, 1) == 0
+    assert synonyms_in(run, 2) > 0 and synonyms_in(run, 3) > 0
+
 def test_world_checkpoint_is_cached_and_rebuilt_when_truncated(tmp_path, monkeypatch):
     import json
 

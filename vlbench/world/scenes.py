@@ -359,20 +359,20 @@ CAPTION_MIX = {"full": 0.4, "single": 0.3, "subset": 0.3}
 SINGLE_WEIGHTS = {"shape": 1.0, "colour": 1.0, "size": 1.0, "position": 1.0, "texture": 1.0}
 
 
-def _worded(attrs: dict[str, str], rng: random.Random) -> dict[str, str]:
-    """``attrs`` with each value said by one of its :data:`SYNONYMS` at :data:`SYNONYM_RATE`."""
-    return {name: rng.choice(SYNONYMS[value]) if value in SYNONYMS and rng.random() < SYNONYM_RATE else value
+def _worded(attrs: dict[str, str], rng: random.Random, rate: float) -> dict[str, str]:
+    """``attrs`` with each value said by one of its :data:`SYNONYMS` at ``rate``."""
+    return {name: rng.choice(SYNONYMS[value]) if value in SYNONYMS and rng.random() < rate else value
             for name, value in attrs.items()}
 
 
-def random_caption(scene: Scene, rng: random.Random) -> str:
+def random_caption(scene: Scene, rng: random.Random, synonym_rate: float = SYNONYM_RATE) -> str:
     """One caption for pretraining: a full description, one zero-shot prompt, or a subset,
-    its attribute values now and then said by a synonym.
+    its attribute values now and then (at ``synonym_rate``) said by a synonym.
 
     The mix keeps zero-shot prompts in distribution (single-attribute captions use the
     :data:`TEMPLATES` wordings) and teaches full descriptions for retrieval.
     """
-    attrs = _worded(scene.attributes(), rng)
+    attrs = _worded(scene.attributes(), rng, synonym_rate)
     draw = rng.random()
     if draw < CAPTION_MIX["full"]:
         return rng.choice(_DESCRIPTIONS).format(**attrs)
