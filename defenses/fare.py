@@ -55,6 +55,7 @@ class FARE(AdversarialTrainingDefense):
     paper = "Schlarmann et al., ICML 2024 (FARE), Eq. 2"
     description = "unsupervised adversarial fine-tuning: adversarial embedding stays at the original clean one"
     version = "1"
+    trains_parameters = ("visual.",)  # only the image tower trains
 
     @dataclass
     class Params(TrainingParams):

@@ -28,6 +28,7 @@ class TeCoA(AdversarialTrainingDefense):
     paper = "Mao et al., ICLR 2023 (TeCoA), §3"
     description = "adversarial fine-tuning of the image encoder on class-prompt cross-entropy"
     version = "1"
+    trains_parameters = ("visual.",)  # only the image tower trains
 
     @dataclass
     class Params(ClassPromptParams):

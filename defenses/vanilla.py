@@ -24,6 +24,7 @@ class VanillaFineTuning(TrainingDefense):
     paper = "clean fine-tuning baseline (TeCoA objective with no attack; Mao et al., ICLR 2023)"
     description = "clean fine-tuning of the image encoder against frozen class prompts"
     version = "1"
+    trains_parameters = ("visual.",)  # only the image tower trains
 
     Params = ClassPromptParams
 

@@ -11,11 +11,11 @@ recipe of configs/world.yaml):
   sample: the algorithm is the same (step-size schedule, momentum, restarts from the best
   point, the returned iterate);
 - each with its own random starts, vlbench is at least as strong on every task: robust
-  accuracy, averaged over the random starts of :data:`SEEDS`, at most torchattacks' plus
-  one point. One draw each is not enough: from the same start the two are the same
-  computation, so what separates them is which borderline samples each draw happens to
-  break (measured: two or three samples of 100 either way on the robust model). The table
-  is in results/README.md.
+  accuracy at most torchattacks' plus one point, for APGD-CE averaged over the random
+  starts of :data:`SEEDS`. One draw of APGD-CE each is not enough: from the same start the
+  two are the same computation, so what separates them is which borderline samples each
+  draw happens to break (measured: two samples of 100 either way on the robust model). The
+  table is in results/README.md.
 
 torchattacks is installed by the test, with ``--no-deps``, into a temporary folder: its
 metadata pins ``requests~=2.25.1``, which it never imports and which would downgrade
@@ -44,7 +44,7 @@ from vlbench.evaluation.objectives import ClassificationObjective
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["world-shape", "world-colour", "world-size", "world-position", "world-texture"]
 SAMPLES, EPS, ITERATIONS = 100, 4, 100
-#: The random starts (run seeds for vlbench, ``seed`` for torchattacks) averaged over.
+#: The random starts (run seeds for vlbench, ``seed`` for torchattacks) APGD-CE is averaged over.
 SEEDS = (0, 1, 2)
 VERSION = "3.5.1"
 
@@ -157,6 +157,10 @@ def test_apgd_gives_the_references_outcome_from_the_same_start(torchattacks, vic
 
 
 def test_vlbench_is_at_least_as_strong_as_torchattacks(torchattacks, victims):
+    """APGD-CE is one draw of a random start, so it is compared as the mean over the starts of
+    :data:`SEEDS`; APGD-T already runs one start per target class (3 to 7 here), which
+    averages the draw out, and is compared on seed 0 alone, as is AutoAttack (the point-wise
+    worst case of the two)."""
     names = ("apgd-ce", "apgd-t", "autoattack")
     rows, weaker = [], []
     for label, victim in victims.items():
@@ -164,29 +168,32 @@ def test_vlbench_is_at_least_as_strong_as_torchattacks(torchattacks, victims):
             ours, theirs = {n: [] for n in names}, {n: [] for n in names}
             for seed in SEEDS:
                 problem = Problem(victim, task, seed)
-                mine = {name: problem.vlbench(name) for name in ("apgd-ce", "apgd-t")}
-                mine["autoattack"] = mine["apgd-ce"] & mine["apgd-t"]
+                mine = {"apgd-ce": problem.vlbench("apgd-ce")}
                 other = {"apgd-ce": problem.torchattacks(torchattacks, "apgd-ce", seed)}
-                if problem.classes >= 4:
-                    other["apgd-t"] = problem.torchattacks(torchattacks, "apgd-t", seed)
-                    other["autoattack"] = other["apgd-ce"] & other["apgd-t"]
-                for name in names:
+                if seed == SEEDS[0]:
+                    mine["apgd-t"] = problem.vlbench("apgd-t")
+                    mine["autoattack"] = mine["apgd-ce"] & mine["apgd-t"]
+                    if problem.classes >= 4:
+                        other["apgd-t"] = problem.torchattacks(torchattacks, "apgd-t", seed)
+                        other["autoattack"] = other["apgd-ce"] & other["apgd-t"]
+                for name in mine:
                     ours[name].append(int(mine[name].sum()))
-                    if name in other:
-                        theirs[name].append(int(other[name].sum()))
+                for name in other:
+                    theirs[name].append(int(other[name].sum()))
             row = [label, task, str(int(problem.correct(problem.images).sum()))]
             for name in names:
-                mean = sum(ours[name]) / len(SEEDS)
+                mean = sum(ours[name]) / len(ours[name])
                 if not theirs[name]:
                     row.append(f"{mean:.1f} / –")
                     continue
-                reference = sum(theirs[name]) / len(SEEDS)
+                reference = sum(theirs[name]) / len(theirs[name])
                 row.append(f"{mean:.1f} / {reference:.1f}")
                 if mean > reference + 1:
                     weaker.append(f"{label} {task} {name}: vlbench {ours[name]}, torchattacks {theirs[name]}")
             rows.append(row)
-    header = ["defense", "task", "clean", "APGD-CE", "APGD-T", "AutoAttack (CE + T)"]
+    header = ["defense", "task", "clean", f"APGD-CE (mean of seeds {', '.join(map(str, SEEDS))})",
+              f"APGD-T (seed {SEEDS[0]})", f"AutoAttack (CE + T, seed {SEEDS[0]})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":--" for _ in header) + "|"]
-    print(f"\nrobust top-1 on {SAMPLES} samples, mean over the starts of seeds {SEEDS}, vlbench / torchattacks\n"
+    print(f"\nrobust top-1 on {SAMPLES} samples, vlbench / torchattacks\n"
           + "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]))
     assert not weaker, weaker

@@ -4,8 +4,9 @@ a rerun that finds every cell done, and the same numbers with another CPU kernel
 PyTorch picks its kernels by CPU (``torch.backends.cpu.get_cpu_capability()``; oneDNN its
 own). The tests force the next family down (AVX-512 → AVX2, AVX2 → no vectorisation,
 through ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA``) and check that the world
-pretraining reaches the same metrics (within 1 point) and that the default matrix evaluated
-with those kernels on the same trained models gives every leaderboard cell within 2 points.
+pretraining reaches its targets and the same metrics (within 1 point), and that the default
+matrix evaluated with those kernels on the same trained models gives no leaderboard cell a
+significantly different outcome (and the cells agree to a quarter point on average).
 Models trained under the two families do not end with the same weights (floating-point
 sums differ in their last bits and training amplifies that), so cells of two complete runs
 differ like two training seeds; the README quotes those figures.
@@ -40,20 +41,31 @@ def vlbench(*args: str, cache: Path, env: dict[str, str] | None = None) -> float
     return time.perf_counter() - started
 
 
-def pretraining_metrics(cache: Path) -> dict[str, float]:
+def pretraining_report(cache: Path) -> dict:
     (sidecar,) = (cache / "world").glob("vlbench-world-*.json")
-    return json.loads(sidecar.read_text())["metrics"]
+    return json.loads(sidecar.read_text())
 
 
-def headline(out: Path) -> dict[tuple[str, str, str, str], float]:
+def pretraining_metrics(cache: Path) -> dict[str, float]:
+    return pretraining_report(cache)["metrics"]
+
+
+def cells(out: Path) -> dict[tuple[str, str, str, str], tuple]:
+    """(defense, attack, dataset, metric) → (headline value, per-sample 0/1 outcomes)."""
     from vlbench.evaluation.tasks import PRIMARY_METRICS
+    from vlbench.reporting.statistics import outcomes
 
     values = {}
     for path in (out / "cells").glob("*.json"):
         cell = json.loads(path.read_text())
         for metric in PRIMARY_METRICS[cell["task"]]:
-            values[(cell["defense"], cell["attack"], cell["dataset"], metric)] = cell["metrics"][metric]
+            values[(cell["defense"], cell["attack"], cell["dataset"], metric)] = (cell["metrics"][metric],
+                                                                               outcomes(cell, metric))
     return values
+
+
+def headline(out: Path) -> dict[tuple[str, str, str, str], float]:
+    return {key: value for key, (value, _) in cells(out).items()}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +109,17 @@ def test_a_rerun_of_the_default_matrix_finds_every_cell(benchmark, native):
 
 
 @pytest.mark.slow
+def test_default_pretraining_reaches_its_targets(native):
+    """The world CLIP the README's main command pretrains, with this machine's kernels."""
+    home, _ = native
+    report = pretraining_report(home / "cache")
+    metrics = report["metrics"]
+    assert report["config"]["precision"] == "fp32"
+    assert metrics["zero_shot_mean"] >= 97 and metrics["world-shape"] >= 95, metrics
+    assert metrics["i2t_R@1"] >= 97 and metrics["t2i_R@1"] >= 97, metrics
+
+
+@pytest.mark.slow
 def test_world_pretraining_reaches_the_same_metrics_with_other_kernels(tmp_path, native):
     home, _ = native
     vlbench("world", "pretrain", cache=tmp_path / "cache", env=forced_family())
@@ -109,16 +132,28 @@ def test_world_pretraining_reaches_the_same_metrics_with_other_kernels(tmp_path,
 @pytest.mark.slow
 def test_the_matrix_gives_the_same_cells_with_other_kernels(tmp_path, native):
     """The trained models of the native run (its cache), evaluated again with the other
-    kernel family, from scratch: embeddings, every attack, every metric."""
+    kernel family, from scratch: embeddings, every attack, every metric.
+
+    A text attack's search picks one word among candidates whose scores can tie to the last
+    bit, so a sample near a tie can end either way (on the world before its synonyms the
+    largest gap was 3 samples, on the one after, 5, both in an ``mmcoa-attack`` cell); what
+    must hold is that no cell's outcomes differ significantly between the families (exact
+    McNemar on the same samples) and that the cells agree on average."""
+    from vlbench.reporting.statistics import mcnemar_exact
+
     home, _ = native
     cache = tmp_path / "cache"
     cache.mkdir()
     for kept in ("world", "checkpoints", "augment"):  # the models; not the embedding cache
         subprocess.run(["cp", "-r", str(home / "cache" / kept), str(cache / kept)], check=True)
     vlbench("run", "matrix", "--out", str(tmp_path / "out"), "--no-progress", cache=cache, env=forced_family())
-    a, b = headline(home / "out"), headline(tmp_path / "out")
+    a, b = cells(home / "out"), cells(tmp_path / "out")
     assert a.keys() == b.keys() and len(a) == 322
-    gaps = sorted(((abs(a[k] - b[k]), k) for k in a), reverse=True)
-    print(f"\ncells with {forced_family()}: largest difference {gaps[0][0]:.2f} points ({gaps[0][1]}), "
-          f"mean {sum(g for g, _ in gaps) / len(gaps):.3f}")
-    assert gaps[0][0] <= 2.0, gaps[:5]
+    gaps = sorted(((abs(a[k][0] - b[k][0]), k) for k in a), reverse=True)
+    p_values = sorted((mcnemar_exact(a[k][1], b[k][1]), k) for k in a)
+    mean = sum(g for g, _ in gaps) / len(gaps)
+    print(f"\ncells with {forced_family()}: {sum(g == 0 for g, _ in gaps)} of {len(gaps)} identical, largest "
+          f"difference {gaps[0][0]:.2f} points ({gaps[0][1]}), mean {mean:.3f}, smallest McNemar p "
+          f"{p_values[0][0]:.3f} ({p_values[0][1]})")
+    assert p_values[0][0] >= 0.01, p_values[:5]
+    assert mean <= 0.25, gaps[:5]

@@ -176,6 +176,8 @@ def test_the_readme_plugin_example_runs_and_records_its_budget(tmp_path, capsys,
         capsys.readouterr()
         assert main([*common, "--config", str(config), "--out", str(tmp_path / "big")]) == 2
         assert "eps=300.0/255 is out of range" in capsys.readouterr().err
+        assert main(["validate", str(plugin), "--pretrained", str(world_checkpoint_path)]) == 0
+        assert capsys.readouterr().out.strip().endswith("all 11 checks passed or n/a")
     finally:
         api.attacks.unregister("fgsm")
 

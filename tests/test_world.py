@@ -226,18 +226,3 @@ def test_world_checkpoint_is_cached_and_rebuilt_when_truncated(tmp_path, monkeyp
     assert len(calls) == 3
     other = pre.world_checkpoint(pre.PretrainConfig(**{**TINY, "seed": 5}), progress=False)
     assert other != path
-
-
-@pytest.mark.slow
-def test_default_pretraining_reaches_its_targets(tmp_path, monkeypatch):
-    import json
-
-    from vlbench.world import pretrain as pre
-
-    monkeypatch.setenv("VLBENCH_CACHE", str(tmp_path))
-    path = pre.world_checkpoint(progress=False)
-    report = json.loads(path.with_suffix(".json").read_text())
-    metrics = report["metrics"]
-    assert report["config"]["precision"] == "fp32"
-    assert metrics["zero_shot_mean"] >= 97
-    assert metrics["i2t_R@1"] >= 97 and metrics["t2i_R@1"] >= 97

@@ -266,6 +266,10 @@ class Defense(Plugin):
 
     kind = "defense"
     trains: ClassVar[bool] = True
+    #: which of ``victim.model``'s tensors ``fit`` may change, as prefixes of their
+    #: ``state_dict`` names (``"visual."``: the image tower; ``""``: every tensor);
+    #: ``vlbench validate`` trains a few steps and checks that nothing else changed
+    trains_parameters: ClassVar[tuple[str, ...]] = ("",)
 
     def training_data(self) -> dict[str, Any]:
         """A description of the training data, part of the checkpoint's cache key."""

@@ -8,6 +8,7 @@
     vlbench leaderboard RESULTS_DIR
     vlbench compare RESULTS_DIR --defenses A,B
     vlbench audit DEFENSE[,DEFENSE] [--checks FILE] [run matrix's options]
+    vlbench validate PLUGIN.py|NAME [--pretrained CHECKPOINT]
     vlbench world pretrain [--force]
     vlbench prepare defense|attack NAME [--set KEY=VALUE]
 
@@ -38,6 +39,7 @@ EPILOG = """examples:
   vlbench run matrix --shard 0/4                       # the first quarter of the plan (0/4 ... 3/4)
   vlbench status runs/world                            # done, running, failed, pending
   vlbench audit tecoa,fare                             # gradient-masking checks (configs/audit.yaml)
+  vlbench validate my_defense.py                       # a plugin's contract, checked on the world
 """
 
 
@@ -126,6 +128,15 @@ def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.Ar
     prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="a plugin parameter, the value read as YAML (repeatable)")
     _add_plugin_flag(prepare)
+
+    validate = commands.add_parser("validate", help="check a plugin file or a registered defense or attack: "
+                                   "its declaration, and on the world what it promises; exit status 2 on a failure")
+    validate.add_argument("target", metavar="PLUGIN.py|NAME", help="a plugin file, or a registered name")
+    validate.add_argument("--pretrained", help="the world CLIP checkpoint to run on (default: the cached one, "
+                          "pretrained first if missing)")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="a plugin parameter for the runs on the world, the value read as YAML (repeatable), "
+                          "e.g. --set mlm=world")
 
     world = commands.add_parser("world", help="the synthetic world")
     world_commands = world.add_subparsers(dest="world_command", required=True)
@@ -343,24 +354,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
+def _set_options(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` options, each value read as YAML."""
     import yaml
 
-    from vlbench import api, plugins
-
-    plugins.load_files(args.plugin)
     options = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r} is not KEY=VALUE", "write e.g. --set mlm=world")
-        options[key] = yaml.safe_load(value)
-    plugin = api.build(args.kind + "s", args.name, options)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {item!r}: the value is not YAML ({' '.join(str(exc).split())[:80]})",
+                            "quote it, e.g. --set 'text_params={mlm: world}'") from None
+    return options
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from vlbench import api, plugins
+
+    plugins.load_files(args.plugin)
+    plugin = api.build(args.kind + "s", args.name, _set_options(args.set))
     for what, _ in plugin.pending():
         print(f"building: {what}", file=sys.stderr, flush=True)
     plugin.prepare()
     print(f"{args.kind} {args.name}: ready")
     return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from vlbench.run.validate import validate
+
+    def victim():
+        from vlbench.models.victim import WORLD_MODEL, load_victim, register_model_configs
+        from vlbench.world.pretrain import world_victim
+
+        if args.pretrained is None:
+            return world_victim(progress=False)
+        register_model_configs()
+        return load_victim(WORLD_MODEL, args.pretrained, "cpu")
+
+    checks = validate(args.target, victim, _set_options(args.set))
+    for check in checks:
+        print(check.line())
+    failed = sum(check.status == "fail" for check in checks)
+    print(f"{len(checks) - failed} passed, {failed} failed" if failed else f"all {len(checks)} checks passed or n/a")
+    return 2 if failed else 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:
@@ -383,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
-                "prepare": cmd_prepare, "status": cmd_status, "compare": cmd_compare, "audit": cmd_audit}
+                "prepare": cmd_prepare, "status": cmd_status, "compare": cmd_compare, "audit": cmd_audit,
+                "validate": cmd_validate}
     try:
         return handlers[args.command](args)
     except UserError as exc:

@@ -92,7 +92,7 @@ def _load_once(source: str, load) -> None:
         _report(source, exc)
 
 
-def _registered_names(source: str, filename: str, registry_name: str) -> list[tuple[str, str, int]]:
+def registered_names(source: str, filename: str, registry_name: str) -> list[tuple[str, str, int]]:
     """``(name, class, line)`` for every ``@<registry_name>.register("name")`` class decorator
     in ``source``; a syntax error propagates, naming the file and line."""
     found = []
@@ -126,7 +126,7 @@ def load_builtin(kind: str, registry: Registry) -> None:
     if source in _loaded_sources:
         return
     for module, path in builtin_modules(kind):
-        names = _registered_names(path.read_text(), str(path), kind)
+        names = registered_names(path.read_text(), str(path), kind)
         if not names:  # registered some other way: the module itself must run to tell
             importlib.import_module(module)
         for name, cls, line in names:
