@@ -18,13 +18,15 @@ from vlbench.training.defenses import TrainingDefense
 from vlbench.evaluation.perturb import NormBallAttack
 """
 
-#: an honest L∞ attack: one signed-gradient step, then back into the ball and the box
-GOOD_ATTACK = '''
-@attacks.register("step-once")
-class StepOnce(NormBallAttack):
-    """One step of the loss's gradient sign, of size eps (FGSM)."""
-    paper = "Goodfellow et al., ICLR 2015"
-    description = "one signed-gradient step"
+
+def image_attack(name: str, docstring: str, body: str) -> str:
+    """The source of a fully declared L∞ attack whose ``perturb_images`` runs ``body``."""
+    return f'''
+@attacks.register("{name}")
+class Attack(NormBallAttack):
+    """{docstring}"""
+    paper = "a test's"
+    description = "{docstring}"
     version = "1"
 
     @dataclass
@@ -33,28 +35,19 @@ class StepOnce(NormBallAttack):
         norm: str = "Linf"
 
     def perturb_images(self, victim, images, objective, generator):
-        x = images.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(objective.loss(x).sum(), x)
-        return (images + self.eps * grad.sign()).clamp(0, 1).detach()
+        {body}
 '''
+
+
+#: an honest L∞ attack (FGSM): one signed-gradient step, then into the ball and the box
+GOOD_ATTACK = image_attack("step-once", "one step of the loss's gradient sign, of size eps", """\
+x = images.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(objective.loss(x).sum(), x)
+        return (images + self.eps * grad.sign()).clamp(0, 1).detach()""")
 
 #: breaks every promise an image attack makes, with a correct declaration
-BAD_ATTACK = '''
-@attacks.register("reckless")
-class Reckless(NormBallAttack):
-    """Noise of twice its radius, from the global generator, pixels unclipped."""
-    paper = "none"
-    description = "breaks its threat model"
-    version = "1"
-
-    @dataclass
-    class Params:
-        eps: float = 4.0
-        norm: str = "Linf"
-
-    def perturb_images(self, victim, images, objective, generator):
-        return images + 2 * self.eps * torch.rand(images.shape) + 1e-3
-'''
+BAD_ATTACK = image_attack("reckless", "noise of twice its radius, from the global generator, pixels unclipped",
+                          "return images + 2 * self.eps * torch.rand(images.shape) + 1e-3")
 
 #: declares too little: no docstring, no version, a parameter without a default
 UNDECLARED_ATTACK = '''
