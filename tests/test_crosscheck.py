@@ -46,6 +46,8 @@ TASKS = ["world-shape", "world-colour", "world-size", "world-position", "world-t
 SAMPLES, EPS, ITERATIONS = 100, 4, 100
 #: The random starts (run seeds for vlbench, ``seed`` for torchattacks) APGD-CE is averaged over.
 SEEDS = (0, 1, 2)
+#: torchattacks' outcomes by (victim, task, attack, seed), shared by the tests
+_THEIRS: dict[tuple, torch.Tensor] = {}
 VERSION = "3.5.1"
 
 pytestmark = pytest.mark.slow
@@ -92,7 +94,7 @@ class Problem:
         self.objective = ClassificationObjective(victim, weights, self.labels,
                                                  sample_noise(SimpleNamespace(seed=seed), data, indices),
                                                  attack_only_correct=True)
-        self.victim, self.seed = victim, seed
+        self.victim, self.task, self.seed = victim, task, seed
 
     def correct(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -104,6 +106,14 @@ class Problem:
                                                   torch.Generator().manual_seed(self.seed)))
 
     def torchattacks(self, library, name: str, seed: int = 0) -> torch.Tensor:
+        """torchattacks' outcome, computed once per victim, task, attack and seed: it seeds
+        its own generator, so both tests of this file can share its runs."""
+        key = (id(self.victim), self.task, name, seed)
+        if key not in _THEIRS:
+            _THEIRS[key] = self._torchattacks(library, name, seed)
+        return _THEIRS[key]
+
+    def _torchattacks(self, library, name: str, seed: int) -> torch.Tensor:
         model = _Logits(self.objective).eval()
         if name == "apgd-ce":
             attack = library.APGD(model, norm="Linf", eps=EPS / 255, steps=ITERATIONS, n_restarts=1, loss="ce",
