@@ -135,7 +135,7 @@ def test_an_attack_that_breaks_its_promises_fails_each_with_its_reason(capsys, p
     assert "keeps pixels in [0, 1] (pixels span" in failed
     assert "eps = 0 changes nothing (the images changed)" in failed
     assert "the same seed gives the same result (two runs differ)" in failed
-    assert out.strip().splitlines()[-1] == "7 passed, 4 failed"
+    assert out.strip().splitlines()[-1] == "4 of 11 checks failed"
 
 
 def test_a_missing_declaration_fails_before_anything_runs(capsys, plugin_file, world_checkpoint_path):

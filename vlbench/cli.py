@@ -8,7 +8,7 @@
     vlbench leaderboard RESULTS_DIR
     vlbench compare RESULTS_DIR --defenses A,B
     vlbench audit DEFENSE[,DEFENSE] [--checks FILE] [run matrix's options]
-    vlbench validate PLUGIN.py|NAME [--pretrained CHECKPOINT]
+    vlbench validate PLUGIN.py|NAME [--set KEY=VALUE] [--pretrained CHECKPOINT]
     vlbench world pretrain [--force]
     vlbench prepare defense|attack NAME [--set KEY=VALUE]
 
@@ -399,7 +399,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for check in checks:
         print(check.line())
     failed = sum(check.status == "fail" for check in checks)
-    print(f"{len(checks) - failed} passed, {failed} failed" if failed else f"all {len(checks)} checks passed or n/a")
+    print(f"{failed} of {len(checks)} checks failed" if failed else f"all {len(checks)} checks passed or n/a")
     return 2 if failed else 0
 
 
