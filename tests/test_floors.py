@@ -23,8 +23,10 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 # the libraries these tests exercise: open_clip, transformers, pandas and tabulate, PyYAML,
-# safetensors, Pillow, scipy and h5py, pytest-benchmark, import-linter, filelock, submitit
-TESTS = ["tests/test_model.py", "tests/test_bert_attack.py", "tests/test_leaderboard.py", "tests/test_loaders.py",
+# safetensors, Pillow, scipy and h5py, pytest-benchmark, import-linter, filelock, submitit,
+# matplotlib and selenium
+TESTS = ["tests/test_model.py", "tests/test_bert_attack.py", "tests/test_leaderboard.py", "tests/test_page.py",
+         "tests/test_loaders.py",
          "tests/test_configs.py", "tests/test_text_attacks.py", "tests/test_cache.py", "tests/test_layers.py",
          "tests/test_claims.py", "tests/test_slurm.py"]
 

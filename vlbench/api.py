@@ -270,6 +270,12 @@ class Defense(Plugin):
     #: ``state_dict`` names (``"visual."``: the image tower; ``""``: every tensor);
     #: ``vlbench validate`` trains a few steps and checks that nothing else changed
     trains_parameters: ClassVar[tuple[str, ...]] = ("",)
+    #: the numbers its paper reports, each a dict with ``model``, ``dataset`` (or ``"mean"``:
+    #: the mean over the classification datasets), ``attack``, ``eps`` (in 1/255; None when
+    #: clean), ``metric``, ``value`` (%) and ``source`` (the paper's table or figure), and
+    #: optionally ``pretrained`` and ``params`` (the defense parameters the number is for);
+    #: the leaderboard sets each next to the measured number (:mod:`vlbench.reporting.claimed`)
+    claimed: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     def training_data(self) -> dict[str, Any]:
         """A description of the training data, part of the checkpoint's cache key."""

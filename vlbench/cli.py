@@ -5,10 +5,12 @@
                        [--executor local|slurm] [--workers N] [--shard I/N] [--retry-failed]
     vlbench status RESULTS_DIR
     vlbench ls defenses|attacks|datasets
-    vlbench leaderboard RESULTS_DIR
+    vlbench leaderboard RESULTS_DIR [RESULTS_DIR ...] [--out DIR]
     vlbench compare RESULTS_DIR --defenses A,B
     vlbench audit DEFENSE[,DEFENSE] [--checks FILE] [run matrix's options]
     vlbench validate PLUGIN.py|NAME [--set KEY=VALUE] [--pretrained CHECKPOINT]
+    vlbench submit PLUGIN.py|NAME [--protocol FILE] [--baseline RESULTS_DIR] [--like LABEL]
+                   [--set KEY=VALUE] [run matrix's options]
     vlbench world pretrain [--force]
     vlbench prepare defense|attack NAME [--set KEY=VALUE]
 
@@ -40,6 +42,8 @@ EPILOG = """examples:
   vlbench status runs/world                            # done, running, failed, pending
   vlbench audit tecoa,fare                             # gradient-masking checks (configs/audit.yaml)
   vlbench validate my_defense.py                       # a plugin's contract, checked on the world
+  vlbench submit my_defense.py --like vanilla --baseline results/world   # its row among the built-ins
+  vlbench leaderboard results/world submissions/mine --out merged       # several folders, one page
 """
 
 
@@ -114,8 +118,21 @@ def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.Ar
     ls.add_argument("kind", choices=["defenses", "attacks", "datasets"])
     _add_plugin_flag(ls)
 
-    board = commands.add_parser("leaderboard", help="write leaderboard CSV/Markdown/HTML from results")
-    board.add_argument("results_dir", type=Path)
+    board = commands.add_parser("leaderboard", help="write leaderboard CSV/Markdown/HTML (with figures) from "
+                                "results; several folders merge into one page")
+    board.add_argument("results_dirs", type=Path, nargs="+", metavar="RESULTS_DIR")
+    board.add_argument("--out", type=Path, help="where the merged leaderboard goes (needed for several folders)")
+
+    submit = commands.add_parser("submit", help="validate a defense or attack, run a protocol's matrix with it "
+                                 "added, and write a submission folder (cells, model card, leaderboard)")
+    submit.add_argument("target", metavar="PLUGIN.py|NAME", help="a plugin file, or a registered (installed) name")
+    submit.add_argument("--protocol", type=Path, help="the matrix config to run (default: the embedded world config)")
+    submit.add_argument("--baseline", type=Path, action="append", default=[], metavar="RESULTS_DIR",
+                        help="the protocol's results: run only the new plugin's cells and merge with these")
+    submit.add_argument("--like", metavar="LABEL", help="a defense: train with this protocol defense's recipe")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of the submitted plugin, read as YAML (repeatable)")
+    _add_run_arguments(submit)
 
     compare = commands.add_parser("compare", help="two defenses' paired differences, with intervals and p-values")
     compare.add_argument("results_dir", type=Path)
@@ -263,7 +280,7 @@ def _audit(cfg, audit, args: argparse.Namespace, defenses=None) -> dict | None:
 
 
 def cmd_run_matrix(args: argparse.Namespace) -> int:
-    from vlbench.reporting.leaderboard import write_leaderboard
+    from vlbench.reporting.leaderboard import record_command, write_leaderboard
     from vlbench.run.audit import AuditConfig
 
     cfg = _prepare_run(args)
@@ -271,6 +288,7 @@ def cmd_run_matrix(args: argparse.Namespace) -> int:
     plan = _execute(cfg, args)
     if plan is None:
         return 0
+    record_command(cfg.out, args.argv)  # once its cells exist: bad input leaves no folder behind
     _summary(cfg, plan)
     if audit is not None and _audit(cfg, audit, args) is None:
         return 0
@@ -333,7 +351,51 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from vlbench.reporting.leaderboard import write_leaderboard
 
-    write_leaderboard(args.results_dir, print_markdown=True)
+    write_leaderboard(args.results_dirs, print_markdown=True, out=args.out)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from vlbench.models.victim import WORLD_MODEL
+    from vlbench.reporting.leaderboard import record_command, write_leaderboard
+    from vlbench.run.submit import add_plugin, model_card, write_model_card
+    from vlbench.run.validate import plugins_of, validate
+
+    options = _set_options(args.set)
+    if args.target.endswith(".py"):
+        args.plugin.append(args.target)  # so worker processes and SLURM jobs load it too
+    args.config = args.protocol or args.config
+    args.defenses = args.attacks = None
+    cfg = _prepare_run(args)
+    # validated on the protocol's world CLIP when the protocol runs on the world, else the default one
+    checks = validate(args.target, _world_victim(cfg.pretrained if cfg.model == WORLD_MODEL else None), options)
+    for check in checks:
+        print(check.line())
+    failed = sum(check.status == "fail" for check in checks)
+    if failed:
+        raise UserError(f"{args.target} failed {failed} of {len(checks)} validate checks; no submission was run",
+                        "fix what the FAIL lines name, then submit again")
+    found = plugins_of(args.target)
+    if len(found) != 1:
+        raise UserError(f"{args.target} registers {len(found)} plugins ({', '.join(n for _, n in found)})",
+                        "submit one defense or attack at a time: one per file")
+    (kind, name), = found
+    if args.like is not None and kind != "defenses":
+        raise UserError("--like takes a defense's training recipe; an attack has none", "drop --like")
+    if args.out is None:
+        cfg.out = str(Path("submissions") / name)
+    spec = add_plugin(cfg, kind, name, options, args.like, only_new=bool(args.baseline))
+    plan = _execute(cfg, args)
+    if plan is None:
+        print(f"submitted; when the jobs finish: vlbench leaderboard {' '.join(map(str, args.baseline))} {cfg.out} "
+              f"--out {cfg.out}")
+        return 0
+    _summary(cfg, plan)
+    record_command(cfg.out, args.argv)
+    protocol = str(args.config or default_config_path())
+    write_model_card(cfg.out, model_card(kind, spec, protocol, "vlbench " + " ".join(args.argv), checks))
+    write_leaderboard([*args.baseline, Path(cfg.out)], print_markdown=True, out=cfg.out)
+    print(f"submission: {cfg.out} (cells, submission.json, leaderboard.html)", file=sys.stderr)
     return 0
 
 
@@ -383,19 +445,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from vlbench.run.validate import validate
-
+def _world_victim(pretrained: str | None):
+    """A loader of the world CLIP that ``validate`` runs plugins on: the cached one, or
+    the checkpoint ``pretrained``."""
     def victim():
         from vlbench.models.victim import WORLD_MODEL, load_victim, register_model_configs
         from vlbench.world.pretrain import world_victim
 
-        if args.pretrained is None:
+        if pretrained is None:
             return world_victim(progress=False)
         register_model_configs()
-        return load_victim(WORLD_MODEL, args.pretrained, "cpu")
+        return load_victim(WORLD_MODEL, pretrained, "cpu")
+    return victim
 
-    checks = validate(args.target, victim, _set_options(args.set))
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from vlbench.run.validate import validate
+
+    checks = validate(args.target, _world_victim(args.pretrained), _set_options(args.set))
     for check in checks:
         print(check.line())
     failed = sum(check.status == "fail" for check in checks)
@@ -419,12 +486,13 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run record's command
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
                 "prepare": cmd_prepare, "status": cmd_status, "compare": cmd_compare, "audit": cmd_audit,
-                "validate": cmd_validate}
+                "validate": cmd_validate, "submit": cmd_submit}
     try:
         return handlers[args.command](args)
     except UserError as exc:

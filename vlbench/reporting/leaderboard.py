@@ -18,19 +18,19 @@ it (a paired test on the same samples, :mod:`vlbench.reporting.statistics`) are 
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from vlbench.errors import UserError
 from vlbench.evaluation.tasks import PRIMARY_METRICS
-from vlbench.reporting import checks, statistics
+from vlbench.reporting import checks, claimed, statistics
+from vlbench.reporting.numbers import Number, leaders
 from vlbench.store.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -102,65 +102,6 @@ def headline_metrics(long: pd.DataFrame) -> pd.DataFrame:
 
 def _label(attack: str) -> str:
     return "clean" if attack == "none" else attack
-
-
-@dataclass
-class Number:
-    """One shown number: a metric of one cell, or its mean over several datasets' cells, with
-    the per-sample outcomes behind it (one array per dataset) when the cells recorded them."""
-
-    value: float
-    metric: str
-    cells: tuple[str, ...]
-    groups: list[np.ndarray] | None
-    ids: tuple | None  # what names the queries: numbers pair only on the same ones
-    exact: bool        # one dataset's accuracy: exact McNemar; else a paired bootstrap
-
-    @classmethod
-    def of(cls, rows: pd.DataFrame, by_cell: dict[str, dict]) -> "Number":
-        """The mean of ``rows`` (one metric, one cell per dataset)."""
-        rows = rows.sort_values("dataset")  # so that two rows' groups pair dataset by dataset
-        groups, ids = [], []
-        for cell, metric, dataset in zip(rows["cell"], rows["metric"], rows["dataset"]):
-            found = statistics.outcomes(by_cell[cell], metric)
-            if found is None:
-                groups = None
-                break
-            groups.append(found)
-            ids.append((dataset, *statistics.query_ids(by_cell[cell], metric)))
-        metric = rows["metric"].iloc[0]
-        return cls(float(rows["value"].mean()), metric, tuple(rows["cell"]), groups,
-                   None if groups is None else tuple(ids), exact=len(rows) == 1 and metric.endswith("top1"))
-
-    @cached_property
-    def half_width(self) -> float | None:
-        if self.groups is None:
-            return None
-        low, high = statistics.interval(self.groups, *self.cells, self.metric)
-        return (high - low) / 2
-
-    def text(self) -> str:
-        return f"{self.value:.1f}" if self.half_width is None else f"{self.value:.1f} ± {self.half_width:.1f}"
-
-
-def leaders(column: list["Number | None"]) -> set[int]:
-    """The rows of ``column`` to mark: the best value and every value not significantly below
-    it on the same samples (p ≥ ALPHA)."""
-    present = [i for i, number in enumerate(column) if number is not None]
-    if not present:
-        return set()
-    best = max(present, key=lambda i: column[i].value)
-    top = column[best]
-    marked = {best}
-    for i in present:
-        other = column[i]
-        if other.value == top.value:
-            marked.add(i)
-        elif top.groups is not None and other.groups is not None and other.ids == top.ids and \
-                statistics.paired_difference(top.groups, other.groups, *top.cells, *other.cells, top.metric,
-                                             exact=top.exact).p >= statistics.ALPHA:
-            marked.add(i)
-    return marked
 
 
 def render(numbers: pd.DataFrame, bold: tuple[str, str]) -> pd.DataFrame:
@@ -369,69 +310,313 @@ def text_constraints(results: list[dict]) -> list[str]:
     return [note for note in notes if not note.endswith(": ")]
 
 
-def _escape(text) -> str:
-    return html.escape(str(text), quote=False)
-
-
-def _html_table(numbers: pd.DataFrame) -> str:
-    # labels come from configs and result files: text, never markup; only the marks are tags
-    shown = render(numbers, ("<strong>", "</strong>"))
-    shown.index = [_escape(label) for label in shown.index]
-    shown.index.name = _escape(numbers.index.name or "")
-    shown.columns = [_escape(label) for label in shown.columns]
-    return shown.to_html(escape=False, na_rep="–")
-
-
 def _flag_rows(table: pd.DataFrame, flagged: dict[str, str]) -> pd.DataFrame:
     return table.rename(index=lambda defense: f"{defense} {flagged[defense]}" if defense in flagged else defense)
 
 
-def write_leaderboard(results_dir: str | Path, print_markdown: bool = False) -> Path:
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise UserError(f"results folder {results_dir} does not exist",
-                        "pass the --out folder of a matrix run")
-    results = load_results(results_dir)
-    long = read_results(results_dir, results)
-    if long.empty:
-        raise UserError(f"no result files under {results_dir}", "run `vlbench run matrix` first")
-    atomic_write_text(results_dir / "leaderboard.csv", long.to_csv(index=False))
+# -- several folders, provenance ------------------------------------------------------------
+RUN_RECORD = "run.json"
+MODEL_CARD = "submission.json"
+
+
+def settings(results: list[dict]) -> dict[str, set]:
+    """What must agree for two folders' cells to share a table: the model, the seed, each
+    dataset's evaluation subset, the precision and the library versions."""
+    found: dict[str, set] = {}
+    for r in results:
+        config, versions = r.get("config", {}), r.get("versions", {})
+        entries = {"model": f"{config.get('model')} ({config.get('pretrained')}, weights {config.get('base')})",
+                   "seed": str(r.get("seed")), f"{r['dataset']} subset": f"{r.get('subset_hash')} (n={r.get('n')})",
+                   "precision": str(r.get("precision")),
+                   "versions": ", ".join(f"{k} {versions.get(k)}" for k in ("vlbench", "torch", "open_clip"))}
+        for key, value in entries.items():
+            found.setdefault(key, set()).add(value)
+    return found
+
+
+def check_mergeable(folders: dict[Path, list[dict]]) -> None:
+    """Refuse (a :class:`UserError` naming every difference) to put folders whose cells differ
+    in :func:`settings` into one table."""
+    per_folder = {folder: settings(results) for folder, results in folders.items()}
+    differences = []
+    keys = list(dict.fromkeys(k for found in per_folder.values() for k in found))
+    for key in keys:
+        holding = {folder: found[key] for folder, found in per_folder.items() if key in found}
+        if len(holding) > 1 and len({frozenset(v) for v in holding.values()}) > 1:
+            differences.append(f"{key}: " + " vs ".join(f"{'/'.join(sorted(v))} in {folder}"
+                                                         for folder, v in holding.items()))
+    if differences:
+        raise UserError("cannot merge results computed in different settings — " + "; ".join(differences),
+                        "rerun one folder with the other's protocol (config, --limit, --seed, model) and versions")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def provenance(folders: list[Path], results: list[dict]) -> dict[str, Any]:
+    """What produced the cells: code revisions, versions, seeds, each dataset's subset, and
+    the commands recorded by the runs that wrote them (``run.json``)."""
+    revisions: dict[str, int] = {}
+    versions: dict[str, set] = {}
+    subsets: dict[str, set] = {}
+    for r in results:
+        revisions[str(r.get("code_revision"))] = revisions.get(str(r.get("code_revision")), 0) + 1
+        for key, value in r.get("versions", {}).items():
+            versions.setdefault(key, set()).add(str(value))
+        config = r.get("config", {})
+        subsets.setdefault(r["dataset"], set()).add(
+            f"n={r.get('n')}, split {config.get('split', '?')}, subset {r.get('subset_hash')}")
+    commands = [c for folder in folders for c in read_json(folder / RUN_RECORD).get("commands", [])]
+    return {"folders": [str(f) for f in folders], "cells": len(results), "code revisions": revisions,
+            "versions": {k: sorted(v) for k, v in sorted(versions.items())},
+            "seeds": sorted({str(r.get("seed")) for r in results}),
+            "models": sorted({_model(r.get("config", {})) for r in results}),
+            "subsets": {d: sorted(v) for d, v in subsets.items()}, "commands": list(dict.fromkeys(commands))}
+
+
+def _model(config: dict) -> str:
+    pretrained = config.get("pretrained")
+    return f"{config.get('model')}" + (f" ({pretrained})" if pretrained else "")
+
+
+def record_command(out: str | Path, argv: list[str]) -> None:
+    """Add the command line that writes into ``out`` to its ``run.json``, for the page's provenance."""
+    import shlex
+
+    from vlbench.store.files import atomic_write_json, file_lock
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out / f".{RUN_RECORD}.lock", "the run record"):
+        record = read_json(out / RUN_RECORD)
+        commands = record.get("commands", [])
+        command = "vlbench " + shlex.join(argv)
+        if command not in commands:
+            atomic_write_json(out / RUN_RECORD, {**record, "commands": [*commands, command]})
+
+
+# -- defenses ------------------------------------------------------------------------------
+@dataclass
+class DefenseInfo:
+    """What the page's section on one defense row shows."""
+
+    label: str
+    name: str
+    version: str
+    paper: str
+    description: str
+    params: dict
+    training_data: str
+    checkpoint: str
+    training_seconds: float | None
+    flags: list[str]
+    comparisons: list
+
+
+def _registered(name: str):
+    from vlbench import api
+
+    try:
+        api.discover()
+        return api.defenses.get(name)
+    except Exception:  # an unregistered defense (e.g. a submission not installed here) has no class
+        return None
+
+
+def defense_infos(results: list[dict], cards: dict[str, dict], by_cell: dict[str, dict],
+                  audit_flags: dict[str, str]) -> list[DefenseInfo]:
+    infos = []
+    rows_of: dict[str, list[dict]] = {}
+    for r in results:
+        rows_of.setdefault(r["defense"], []).append(r)
+    ordered = sorted(results, key=lambda r: str(r.get("created")))  # as the tables order rows
+    for label in _order([r["defense"] for r in ordered], "none"):
+        mine = rows_of[label]
+        config = mine[0].get("config", {}).get("defense", {})
+        name = config.get("name", label)
+        cls = _registered(name)
+        card = cards.get(name, {})
+        params = config.get("params", {})
+        claims = claimed.parse(card["claimed"], f"model card of {name}") if "claimed" in card else []
+        if cls is not None:
+            claims += claimed.parse(list(getattr(cls, "claimed", ())), f"defense {name}")
+        comparisons = claimed.compare(claims, mine, lambda rows: Number.of(rows, by_cell))
+        trained = [r.get("model", {}) for r in mine if r.get("model", {}).get("trained")]
+        fits = [m["fit"]["seconds"] for m in trained if isinstance(m.get("fit"), dict) and "seconds" in m["fit"]]
+        checkpoint = next((Path(m["checkpoint"]).stem for m in trained if m.get("checkpoint")), "")
+        data = params.get("train_datasets")
+        training_data = (f"{', '.join(map(str, data))} ({params.get('split', 'train')} split)" if data
+                         else "none: it does not train" if not trained else "see its parameters")
+        flags = [audit_flags[label]] if label in audit_flags else []
+        if any(c.status == claimed.BELOW for c in comparisons):
+            flags.append("⚑ " + claimed.BELOW)
+        infos.append(DefenseInfo(label, name, str(config.get("version", "")),
+                                 card.get("paper") or getattr(cls, "paper", "") or "not declared",
+                                 card.get("description") or getattr(cls, "description", ""),
+                                 {k: v for k, v in params.items() if k not in ("train_datasets", "split")},
+                                 training_data, checkpoint or ("not trained" if not trained else "not recorded"),
+                                 fits[0] if fits else None, flags, comparisons))
+    return infos
+
+
+# -- the board -----------------------------------------------------------------------------
+@dataclass
+class Board:
+    """Everything the Markdown and HTML leaderboards show."""
+
+    title: str
+    summaries: list[tuple[str, pd.DataFrame]]   # (caption, table of Number lists), flagged rows renamed
+    curves: list[tuple[str, str, pd.DataFrame]]  # (sweep base, caption, table)
+    full: tuple[str, pd.DataFrame]
+    per_dataset: list[tuple[str, pd.DataFrame]]
+    families: dict[str, list[str]]               # attack family -> attack column labels
+    notes: list[str]
+    defenses: list[DefenseInfo]
+    provenance: dict[str, Any]
+    row_flags: dict[str, str]
+
+
+def attack_families(results: list[dict]) -> dict[str, list[str]]:
+    families: dict[str, list[str]] = {}
+    for r in results:
+        modality = r.get("config", {}).get("attack", {}).get("threat_model", {}).get("modality")
+        if modality and modality != "none" and r["attack"] != "none":
+            labels = families.setdefault(modality, [])
+            if r["attack"] not in labels:
+                labels.append(r["attack"])
+    return {f: families[f] for f in ("image", "text", "multimodal", *families) if f in families}
+
+
+def build_board(folders: list[Path], results: list[dict]) -> Board:
+    long = read_results(folders[0], results)
     by_cell = {result["cell"]: result for result in results}
     headline = headline_metrics(long)
     table, notes = pivot(headline, by_cell)
     notes += flags(results) + text_constraints(results)
     swept = [label for labels in sweeps(headline).values() for label in labels]
-    compact_tables = [*summaries(headline[~headline["attack"].isin(swept)], by_cell), *curves(headline, by_cell)]
-    marked, mixed_notes = mark_mixed([*compact_tables, ("Every dataset", table, headline)])
-    compact, (full_caption, _) = marked[:-1], marked[-1]
+    compact_tables = summaries(headline[~headline["attack"].isin(swept)], by_cell)
+    curve_tables = curves(headline, by_cell)
+    marked, mixed_notes = mark_mixed([*compact_tables, *curve_tables, ("Every dataset", table, headline)])
     notes += mixed_notes
-    flagged = checks.row_flags(results_dir)
-    if flagged:
+    reports = [checks.read_report(folder) for folder in folders]
+    audit_flags = {d: f for folder in folders for d, f in checks.row_flags(folder).items()}
+    cards = {}
+    for folder in folders:
+        card = read_json(folder / MODEL_CARD)
+        if card.get("name"):
+            cards[str(card["name"])] = card
+    infos = defense_infos(results, cards, by_cell, audit_flags)
+    row_flags = {info.label: " ".join(info.flags) for info in infos if info.flags}
+    if audit_flags:
         notes.append("⚑ failed gradient-masking checks (Carlini et al. 2019 §5; `vlbench audit`, evidence in "
-                     f"{checks.AUDIT_FOLDER}/{checks.REPORT}): " + "; ".join(f"{d}: {f[2:]}" for d, f in flagged.items()))
-        compact = [(caption, _flag_rows(part, flagged)) for caption, part in compact]
-        table = _flag_rows(table, flagged)
-    audited = [d for d, entry in checks.read_report(results_dir).items() if entry.get("passed") and not entry.get("failed")]
+                     f"{checks.AUDIT_FOLDER}/{checks.REPORT}): " + "; ".join(f"{d}: {f[2:]}" for d, f in audit_flags.items()))
+    below = [info.label for info in infos if any(c.status == claimed.BELOW for c in info.comparisons)]
+    if below:
+        notes.append(f"⚑ {claimed.BELOW}: measured below its paper's number by more than the 95 % interval "
+                     "(see the defense's section): " + ", ".join(below))
+    audited = [d for report in reports for d, entry in report.items() if entry.get("passed") and not entry.get("failed")]
     if audited:
         notes.append("passed every gradient-masking check the audit decided: " + ", ".join(audited))
     notes.append(f"± half the {statistics.LEVEL:.0%} bootstrap interval over samples; bold: the best value of each "
                  "column and every value not significantly below it on the same samples (exact McNemar for one "
                  f"accuracy, paired bootstrap for recall and means; p ≥ {statistics.ALPHA}); cells that did not "
                  "record their samples (result schema before 3) show neither")
-    footer = "".join(f"\n{note}\n" for note in notes)
+    flagged = lambda part: _flag_rows(part, row_flags) if row_flags else part  # noqa: E731
+    n_compact = len(compact_tables)
+    summaries_shown = [(caption, flagged(part)) for caption, part in marked[:n_compact]]
+    curves_shown = [(base, caption, flagged(part)) for (base, _, _), (caption, part)
+                    in zip(_curve_bases(headline, curve_tables), marked[n_compact:-1])]
+    full_caption, _ = marked[-1]
+    per_dataset = []
+    for dataset in dict.fromkeys(headline["dataset"]):
+        part, _ = pivot(headline[headline["dataset"] == dataset], by_cell)
+        part.columns = [c[len(dataset) + 1:] if c.startswith(dataset + " ") else c for c in part.columns]
+        per_dataset.append((dataset, flagged(part)))
     title = ("Top-1 accuracy (%) for classification, Recall@1 (%) for retrieval; "
-             "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.\n")
-    summary_md = "".join(f"\n**{caption}**\n\n{render(part, ('**', '**')).to_markdown()}\n" for caption, part in compact)
+             "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.")
+    return Board(title, summaries_shown, curves_shown, (full_caption, flagged(table)), per_dataset,
+                 attack_families(results), notes, infos, provenance(folders, results), row_flags)
+
+
+def _curve_bases(headline: pd.DataFrame, curve_tables: list) -> list[tuple[str, str, pd.DataFrame]]:
+    """The sweep base of each of :func:`curves`' tables, in the same order."""
+    return [(caption.split(" at each swept value")[0], caption, table) for caption, table, _ in curve_tables]
+
+
+# -- writing -------------------------------------------------------------------------------
+FIGURES = "figures"
+
+
+def draw_figures(board: Board, out: Path) -> list:
+    from vlbench.reporting import figures
+
+    folder = out / FIGURES
+    drawn = []
+    defenses = list(dict.fromkeys(d for _, table in board.summaries for d in map(str, table.index)))
+    by_base: dict[str, list] = {}
+    for base, caption, table in board.curves:
+        by_base.setdefault(base, []).append((caption.split(" — ", 1)[-1], table))
+    for base, tables in by_base.items():
+        drawn.append(figures.curve_figure(base, tables, defenses or [str(d) for d in tables[0][1].index], folder))
+    if board.summaries:
+        caption, table = board.summaries[0]
+        drawn += [f for f in (figures.clean_robust_figure(caption, table, folder),
+                              figures.family_bars_figure(caption, table, board.families, folder)) if f is not None]
+    wanted = {f"{f.name}.png" for f in drawn}
+    for stale in folder.glob("*.png") if folder.is_dir() else []:
+        if stale.name not in wanted:  # a figure the results no longer give
+            stale.unlink()
+    return drawn
+
+
+def markdown(board: Board, drawn: list) -> tuple[str, str, str]:
+    """The Markdown page, and its summary and full parts (for the terminal)."""
+    summary_md = "".join(f"\n**{caption}**\n\n{render(part, ('**', '**')).to_markdown()}\n"
+                         for caption, part in [*board.summaries, *[(c, t) for _, c, t in board.curves]])
+    full_caption, table = board.full
     full_md = f"\n**{full_caption}**\n\n{render(table, ('**', '**')).to_markdown()}\n"
-    atomic_write_text(results_dir / "leaderboard.md", title + summary_md + full_md + footer)
-    atomic_write_text(results_dir / "leaderboard.html",
-                      "<!doctype html><meta charset='utf-8'><title>vlbench leaderboard</title>\n"
-                      f"<p>{_escape(title.strip())}</p>\n"
-                      + "\n".join(f"<h3>{_escape(caption)}</h3>\n" + _html_table(part)
-                                  for caption, part in [*compact, (full_caption, table)]) + "\n"
-                      + "".join(f"<p>{_escape(n)}</p>" for n in notes))
+    figures_md = "".join(f"\n![{f.caption}]({FIGURES}/{f.name}.png)\n" for f in drawn)
+    footer = "".join(f"\n{note}\n" for note in board.notes)
+    return board.title + "\n" + summary_md + full_md + figures_md + footer, summary_md, full_md + footer
+
+
+def write_leaderboard(results_dirs: str | Path | list, print_markdown: bool = False,
+                      out: str | Path | None = None) -> Path:
+    """Write ``leaderboard.csv``, ``.md`` and ``.html`` (with its figures) for one results
+    folder, into it; or for several merged (their settings must agree), into ``out``."""
+    folders = [Path(d) for d in ([results_dirs] if isinstance(results_dirs, (str, Path)) else results_dirs)]
+    if len(folders) > 1 and out is None:
+        raise UserError("merging several results folders needs a folder for the merged leaderboard",
+                        "pass --out FOLDER")
+    out = Path(out) if out is not None else folders[0]
+    by_folder = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"results folder {folder} does not exist", "pass the --out folder of a matrix run")
+        by_folder[folder] = load_results(folder)
+        if not by_folder[folder]:
+            raise UserError(f"no result files under {folder}", "run `vlbench run matrix` first")
+    if len(folders) > 1:
+        check_mergeable(by_folder)
+    results = list({r["cell"]: r for rs in by_folder.values() for r in rs}.values())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "leaderboard.csv", read_results(out, results).to_csv(index=False))
+    board = build_board(folders, results)
+    drawn = draw_figures(board, out)
+    page, summary_md, rest_md = markdown(board, drawn)
+    atomic_write_text(out / "leaderboard.md", page)
+    from vlbench.reporting.page import html_page
+
+    atomic_write_text(out / "leaderboard.html", html_page(board, drawn))
     if print_markdown:
         # The per-dataset table is too wide for a terminal when there are summaries.
-        shown = summary_md if compact else full_md
-        print(title + shown + footer + f"\nEvery dataset: {results_dir / 'leaderboard.md'}")
-    return results_dir / "leaderboard.md"
+        shown = summary_md if board.summaries else rest_md
+        footer = "".join(f"\n{note}\n" for note in board.notes)
+        print(board.title + "\n" + shown + (footer if board.summaries else "")
+              + f"\nEvery dataset, figures and the HTML page: {out / 'leaderboard.md'}, {out / 'leaderboard.html'}")
+    return out / "leaderboard.md"

@@ -14,9 +14,12 @@ import torch.nn.functional as F
 
 
 def class_prompt_loss(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor, labels: torch.Tensor,
-                      logit_scale: torch.Tensor | float, reduction: str = "mean") -> torch.Tensor:
+                      logit_scale: torch.Tensor | float, reduction: str = "mean",
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of ``s · cos(f(x), w_c)`` over the classes; ``label_smoothing`` ε mixes
+    the one-hot target with the uniform one, (1 - ε) δ_{k,y} + ε / K (Szegedy et al., CVPR 2016, §7)."""
     logits = logit_scale * F.normalize(image_embeddings, dim=-1) @ F.normalize(class_embeddings, dim=-1).T
-    return F.cross_entropy(logits, labels, reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction, label_smoothing=label_smoothing)
 
 
 def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
