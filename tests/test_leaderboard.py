@@ -128,3 +128,16 @@ def test_sweeps_get_their_own_curve_tables(tmp_path):
     # the main summary leaves the swept columns to the curve
     main_header = next(line for line in markdown.splitlines() if line.startswith("| defense"))
     assert "pgd@" not in main_header
+
+
+def test_a_sweep_gets_no_curve_on_a_task_it_did_not_run(tmp_path):
+    for defense in ("none", "tecoa"):
+        result(tmp_path, defense, "none", "r", "retrieval", {"i2t_R@1": 90.0, "t2i_R@1": 80.0})
+        for dataset in ("a", "b"):
+            result(tmp_path, defense, "none", dataset, "classification", {"top1": 90.0, "clean_top1": 90.0})
+            for eps in (1, 2):
+                result(tmp_path, defense, f"apgd-ce@{eps}", dataset, "classification", {"top1": 50.0 / eps})
+    write_leaderboard(tmp_path)
+    markdown = (tmp_path / "leaderboard.md").read_text()
+    assert "apgd-ce at each swept value — Mean top-1" in markdown
+    assert "apgd-ce at each swept value — r:" not in markdown

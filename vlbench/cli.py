@@ -356,6 +356,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    import shlex
+
     from vlbench.models.victim import WORLD_MODEL
     from vlbench.reporting.leaderboard import record_command, write_leaderboard
     from vlbench.run.submit import add_plugin, model_card, write_model_card
@@ -393,7 +395,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _summary(cfg, plan)
     record_command(cfg.out, args.argv)
     protocol = str(args.config or default_config_path())
-    write_model_card(cfg.out, model_card(kind, spec, protocol, "vlbench " + " ".join(args.argv), checks))
+    write_model_card(cfg.out, model_card(kind, spec, protocol, "vlbench " + shlex.join(args.argv), checks))
     write_leaderboard([*args.baseline, Path(cfg.out)], print_markdown=True, out=cfg.out)
     print(f"submission: {cfg.out} (cells, submission.json, leaderboard.html)", file=sys.stderr)
     return 0

@@ -81,7 +81,15 @@ def curve_figure(base: str, tables: list[tuple[str, pd.DataFrame]], defenses: li
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.4), squeeze=False)
     for ax, (caption, table) in zip(axes[0], tables):
         swept = [c for c in table.columns if c != "clean"]
-        xs = [float(c) for c in swept]
+        try:
+            xs = [float(c) for c in swept]
+        except ValueError:  # values that are not numbers (e.g. "100it") are evenly spaced, in order
+            xs = [float(i + 1) for i in range(len(swept))]
+            ax.set_xticks([0.0, *xs], ["clean", *swept])
+        else:
+            if max(xs, default=0) >= 32:  # e.g. 1 … 255/255: a log scale keeps the small budgets apart
+                ax.set_xscale("symlog", linthresh=1.0)
+                ax.set_xticks([0.0, *xs], ["0", *swept])
         for defense in table.index:
             points = [(0.0, _value(table.at[defense, "clean"]))] if "clean" in table.columns else []
             points += [(x, _value(table.at[defense, c])) for x, c in zip(xs, swept)]
@@ -89,7 +97,7 @@ def curve_figure(base: str, tables: list[tuple[str, pd.DataFrame]], defenses: li
             if points:
                 colour, marker = style[str(defense)]
                 ax.plot(*zip(*points), color=colour, marker=marker, markersize=4, label=str(defense))
-        ax.set_xlabel(f"{base} ε (/255)")
+        ax.set_xlabel(f"{base}: the swept value (ε in 1/255 for a budget)")
         # a cell of two numbers (R@1 both ways) is drawn by its first
         ax.set_ylabel("R@1 image→text (%)" if "image→text" in caption else caption.split(" (%)")[0] + " (%)")
         ax.set_title(caption, fontsize=8, wrap=True)

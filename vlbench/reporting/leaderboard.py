@@ -242,6 +242,8 @@ def curves(headline: pd.DataFrame, by_cell: dict[str, dict]) -> list[tuple[str, 
         rows = headline[headline["attack"].isin(["none", *labels])]
         for caption, table, behind in summaries(rows, by_cell):
             table = table[[c for c in ["clean", *labels] if c in table.columns]]
+            if not set(labels) & set(table.columns):
+                continue  # the sweep did not run on this task (e.g. a classification-only attack)
             table.columns = [c if c == "clean" else c.partition("@")[2] for c in table.columns]
             tables.append((f"{base} at each swept value — {caption}", table, behind))
     return tables
@@ -392,7 +394,8 @@ def record_command(out: str | Path, argv: list[str]) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with file_lock(out / f".{RUN_RECORD}.lock", "the run record"):
+    # beside the run's claims on cells, which hold its other lock files
+    with file_lock(out / "claims" / f"{RUN_RECORD}.lock", "the run record"):
         record = read_json(out / RUN_RECORD)
         commands = record.get("commands", [])
         command = "vlbench " + shlex.join(argv)
