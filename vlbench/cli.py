@@ -394,7 +394,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     _summary(cfg, plan)
     record_command(cfg.out, args.argv)
-    protocol = str(args.config or default_config_path())
+    protocol = str(args.config) if args.config else "configs/world.yaml (built in)"
     write_model_card(cfg.out, model_card(kind, spec, protocol, "vlbench " + shlex.join(args.argv), checks))
     write_leaderboard([*args.baseline, Path(cfg.out)], print_markdown=True, out=cfg.out)
     print(f"submission: {cfg.out} (cells, submission.json, leaderboard.html)", file=sys.stderr)
