@@ -14,6 +14,11 @@ Every number whose cells recorded their per-sample outcomes carries its 95 % boo
 interval (``80.6 ± 2.8``: the value and half the interval's width; the CSV has ``ci_low``
 and ``ci_high``), and in each column the best value and every value not significantly below
 it (a paired test on the same samples, :mod:`vlbench.reporting.statistics`) are in bold.
+
+:func:`build_board` gathers what both pages show (the tables, each defense's section with
+its claimed numbers, the notes, the provenance); ``leaderboard.html`` is rendered by
+:mod:`vlbench.reporting.page` and its figures drawn by :mod:`vlbench.reporting.figures`.
+Several folders merge into one board only when :func:`settings` agree across them.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import pandas as pd
 
 from vlbench.errors import UserError
 from vlbench.evaluation.tasks import PRIMARY_METRICS
-from vlbench.reporting import checks, claimed, statistics
+from vlbench.reporting import checks, claimed, figures, statistics
 from vlbench.reporting.numbers import Number, leaders
+from vlbench.reporting.page import html_page
 from vlbench.store.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -533,7 +539,7 @@ def build_board(folders: list[Path], results: list[dict]) -> Board:
     n_compact = len(compact_tables)
     summaries_shown = [(caption, flagged(part)) for caption, part in marked[:n_compact]]
     curves_shown = [(base, caption, flagged(part)) for (base, _, _), (caption, part)
-                    in zip(_curve_bases(headline, curve_tables), marked[n_compact:-1])]
+                    in zip(_curve_bases(curve_tables), marked[n_compact:-1])]
     full_caption, _ = marked[-1]
     per_dataset = []
     for dataset in dict.fromkeys(headline["dataset"]):
@@ -546,7 +552,7 @@ def build_board(folders: list[Path], results: list[dict]) -> Board:
                  attack_families(results), notes, infos, provenance(folders, results), row_flags)
 
 
-def _curve_bases(headline: pd.DataFrame, curve_tables: list) -> list[tuple[str, str, pd.DataFrame]]:
+def _curve_bases(curve_tables: list) -> list[tuple[str, str, pd.DataFrame]]:
     """The sweep base of each of :func:`curves`' tables, in the same order."""
     return [(caption.split(" at each swept value")[0], caption, table) for caption, table, _ in curve_tables]
 
@@ -556,8 +562,6 @@ FIGURES = "figures"
 
 
 def draw_figures(board: Board, out: Path) -> list:
-    from vlbench.reporting import figures
-
     folder = out / FIGURES
     drawn = []
     defenses = list(dict.fromkeys(d for _, table in board.summaries for d in map(str, table.index)))
@@ -613,8 +617,6 @@ def write_leaderboard(results_dirs: str | Path | list, print_markdown: bool = Fa
     drawn = draw_figures(board, out)
     page, summary_md, rest_md = markdown(board, drawn)
     atomic_write_text(out / "leaderboard.md", page)
-    from vlbench.reporting.page import html_page
-
     atomic_write_text(out / "leaderboard.html", html_page(board, drawn))
     if print_markdown:
         # The per-dataset table is too wide for a terminal when there are summaries.
