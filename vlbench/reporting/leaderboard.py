@@ -35,7 +35,7 @@ import pandas as pd
 from vlbench.errors import UserError
 from vlbench.evaluation.tasks import PRIMARY_METRICS
 from vlbench.reporting import checks, claimed, figures, statistics
-from vlbench.reporting.numbers import Number, leaders
+from vlbench.reporting.numbers import Number, column_leaders
 from vlbench.reporting.page import html_page
 from vlbench.store.files import atomic_write_text
 
@@ -116,8 +116,7 @@ def render(numbers: pd.DataFrame, bold: tuple[str, str]) -> pd.DataFrame:
     shown = pd.DataFrame(index=numbers.index, columns=numbers.columns, dtype=object)
     for column in numbers.columns:
         cells = list(numbers[column])
-        width = max((len(c) for c in cells if isinstance(c, list)), default=0)
-        marks = [leaders([c[k] if isinstance(c, list) else None for c in cells]) for k in range(width)]
+        marks = column_leaders(cells)
         for row, cell in enumerate(cells):
             if not isinstance(cell, list):
                 shown.iloc[row, shown.columns.get_loc(column)] = "–"

@@ -69,3 +69,10 @@ def leaders(column: list["Number | None"]) -> set[int]:
                                              exact=top.exact).p >= statistics.ALPHA:
             marked.add(i)
     return marked
+
+
+def column_leaders(cells: list) -> list[set[int]]:
+    """For a column whose cells are lists of :class:`Number` (or not a list: no result), the
+    rows to mark at each position of the lists (R@1 both ways: two positions)."""
+    width = max((len(c) for c in cells if isinstance(c, list)), default=0)
+    return [leaders([c[k] if isinstance(c, list) else None for c in cells]) for k in range(width)]

@@ -18,7 +18,7 @@ import json
 
 import pandas as pd
 
-from vlbench.reporting.numbers import leaders
+from vlbench.reporting.numbers import column_leaders
 
 STYLE = """
 :root { --ink: #1d2330; --muted: #5b6475; --line: #d9dee7; --best: #fff3c4; --accent: #2456a6; }
@@ -122,8 +122,7 @@ def table_html(numbers: pd.DataFrame, board, ranked: bool = False) -> str:
     marks, best = {}, {}
     for column in columns:
         cells = list(numbers[column])
-        width = max((len(c) for c in cells if isinstance(c, list)), default=0)
-        marks[column] = [leaders([c[k] if isinstance(c, list) else None for c in cells]) for k in range(width)]
+        marks[column] = column_leaders(cells)
         firsts = [(c[0].value, i) for i, c in enumerate(cells) if isinstance(c, list) and c]
         top = max((v for v, _ in firsts), default=None)
         best[column] = {i for v, i in firsts if v == top}

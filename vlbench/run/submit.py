@@ -12,7 +12,7 @@ with the baselines, whose settings must agree.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,11 @@ def add_plugin(cfg: MatrixConfig, kind: str, name: str, options: dict[str, Any],
         if template is None:
             raise UserError(f"--like {like!r} is not one of the protocol's {kind}",
                             f"use one of: {', '.join(s.label for s in specs)}")
-        options = {**template.options, **options}
-    known = set(api.registry_for(kind).get(name).from_config(name, {}).config()["params"])
-    unknown = sorted(set(options) - known)
-    if unknown and like is not None:
-        # a template's keys the submitted plugin does not take (e.g. TeCoA's eps for a clean
-        # recipe) are dropped: the recipe is shared, not the method's own parameters
-        options = {k: v for k, v in options.items() if k in known}
+        known = {f.name for f in dataclasses.fields(api.registry_for(kind).get(name).Params)}
+        # the template's keys the submitted plugin does not take (e.g. TeCoA's eps for a clean
+        # recipe) are dropped: the recipe is shared, not the method's own parameters; the
+        # submitter's own --set keys are kept, so a misspelt one is still an error
+        options = {**{k: v for k, v in template.options.items() if k in known}, **options}
     spec = PluginSpec(name, name, options)
     if any(s.label == name for s in specs):
         raise UserError(f"the protocol already has a {kind[:-1]} labelled {name!r}",
@@ -64,8 +62,8 @@ def model_card(kind: str, spec: PluginSpec, protocol: str, command: str, checks:
 
 
 def write_model_card(out: str | Path, card: dict[str, Any]) -> Path:
-    from vlbench.store.files import atomic_write_text
+    from vlbench.store.files import atomic_write_json
 
     path = Path(out) / MODEL_CARD
-    atomic_write_text(path, json.dumps(card, indent=1, default=str) + "\n")
+    atomic_write_json(path, card)
     return path
