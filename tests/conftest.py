@@ -52,7 +52,8 @@ def world_checkpoint_path():
 
 @pytest.fixture(scope="session")
 def world_victim(world_checkpoint_path):
-    from vlbench.models.victim import WORLD_MODEL, load_victim
+    from vlbench.models.factory import load_victim
+    from vlbench.models.victim import WORLD_MODEL
 
     victim = load_victim(WORLD_MODEL, str(world_checkpoint_path))
     victim.requires_grad_(False)
@@ -68,14 +69,19 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
                      help="also run the end-to-end tests marked slow (minutes each)")
+    parser.addoption("--run-heavy", action="store_true",
+                     help="also run the release checks marked heavy (tens of minutes each: the other CPU kernel "
+                     "family, the cross-check against torchattacks, the default audit)")
 
 
 def pytest_collection_modifyitems(config, items):
-    # Slow end-to-end tests are deselected (not skipped) unless asked for: the default run
-    # stays within a few minutes and reports no skips.
-    if config.getoption("--run-slow"):
-        return
-    slow = [item for item in items if "slow" in item.keywords]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if "slow" not in item.keywords]
+    # Slow end-to-end tests and heavy release checks are deselected (not skipped) unless asked
+    # for: the default run stays within a few minutes and reports no skips, and a landing's CI
+    # (--run-slow) within its budget; the heavy ones run before a release and in closing notes.
+    for marker, option in (("slow", "--run-slow"), ("heavy", "--run-heavy")):
+        if config.getoption(option):
+            continue
+        dropped = [item for item in items if marker in item.keywords]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if marker not in item.keywords]

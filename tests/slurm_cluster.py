@@ -98,7 +98,7 @@ class SlurmCluster:
             f"SlurmctldPidFile={f}/slurmctld.pid", f"SlurmdPidFile={f}/slurmd.pid",
             f"SlurmctldLogFile={f}/log/slurmctld.log", f"SlurmdLogFile={f}/log/slurmd.log",
             f"{node} NodeAddr=127.0.0.1 State=UNKNOWN",
-            f"PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
         self.bin.mkdir(exist_ok=True)
         sacct = self.bin / "sacct"

@@ -185,7 +185,7 @@ def test_checks_in_a_matrix_config_run_after_it(tmp_path, capsys, world_checkpoi
 
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_tecoa_and_fare_pass_the_default_audit(tmp_path, monkeypatch):
     """The default audit (configs/audit.yaml, 100 samples) on the default matrix's tecoa and
     fare, from a cold cache, on world-colour, where they keep the most robustness (committed

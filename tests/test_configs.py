@@ -7,6 +7,17 @@ from vlbench.run.matrix import make_plan
 from vlbench.store.paths import builtin_root
 
 
+@pytest.fixture(autouse=True)
+def weights_not_needed(monkeypatch):
+    """Planning names each row's base model by the sha256 of its weights; the paper protocols'
+    OpenAI weights are not on this machine, and what is planned does not depend on them."""
+    import vlbench.run.bases as bases
+
+    real = bases.fingerprint
+    monkeypatch.setattr(bases, "fingerprint", lambda spec, precision: (
+        real(spec, precision) if spec.weights.kind == "build" else f"sha256-of-{spec.name}"))
+
+
 def plan(name):
     args = build_parser().parse_args(["run", "matrix", "--config", str(builtin_root() / "configs" / f"{name}.yaml")])
     return make_plan(matrix_config(args))
@@ -19,6 +30,8 @@ def plan(name):
     ("mmcoa", 3 * 4 * 15, 0),
     ("fare", 4 * 3 * 12, 0),
     ("nn", 3 * 3 * 2, 0),
+    ("zoo-vit-b-32", 9 * 3 * 13, 0),     # released models as rows: 9 entries x clean, AA at 1 and 4/255 x 13
+    ("zoo-vit-l-14", 10 * 3 * 13, 0),
 ])
 def test_config_plans_expected_cells(name, cells, skipped):
     result = plan(name)
@@ -30,14 +43,30 @@ def test_paper_protocols_use_the_papers_settings():
     tecoa = plan("tecoa")
     pgd = next(c for c in tecoa.cells if c.attack_label == "pgd-100")
     assert pgd.config["attack"]["threat_model"]["eps_255"] == 1 and pgd.config["attack"]["params"]["steps"] == 100
-    assert {c.config["model"] for c in tecoa.cells} == {"ViT-B-32"}
+    assert {(c.config["model"]["arch"], c.config["model"]["tag"]) for c in tecoa.cells} == {("ViT-B-32", "openai")}
     fare = plan("fare")
     assert {c.config["defense"]["params"]["eps"] for c in fare.cells if c.defense_label.startswith("fare")} == {2.0, 4.0}
     nn = plan("nn")
-    assert {c.config["model"] for c in nn.cells} == {"ViT-B-16"}
+    assert {c.config["model"]["entry"] for c in nn.cells} == {"openai-vit-b-16"}
     assert {(c.defense_label, tuple(c.config["defense"]["params"].get("augment", ()))) for c in nn.cells} == {
         ("none", ()), ("mat", ("none",)), ("nn", ("all",))}
     assert {c.config["attack"]["threat_model"]["image"]["eps_255"] for c in nn.cells if c.attack_label != "none"} == {2}
     world = plan("world-attacks")
     skipped = {(a, d) for _, a, d, _ in world.skipped}
     assert ("co-attack", "world-shape") in skipped and ("autoattack", "world-retrieval") in skipped
+
+
+def test_the_zoo_protocols_put_each_release_on_its_own_row():
+    for name, arch in (("zoo-vit-b-32", "ViT-B-32"), ("zoo-vit-l-14", "ViT-L-14")):
+        cells = plan(name).cells
+        rows = {c.defense_label: c.config["model"] for c in cells}
+        assert all(label == model["entry"] for label, model in rows.items())  # each row named by its model
+        assert {model["arch"] for model in rows.values()} == {arch}
+        assert {c.defense.name for c in cells} == {"none"}
+        assert {c.config["attack"]["threat_model"].get("eps_255") for c in cells} == {None, 1.0, 4.0}
+        assert {c.dataset for c in cells} == {"cifar10", "stl10", "cifar100", "stanford-cars", "caltech101",
+                                              "oxford-pets", "flowers102", "dtd", "eurosat", "fgvc-aircraft",
+                                              "pcam", "imagenet-r", "imagenet-sketch"}
+    tecoa = next(c for c in plan("zoo-vit-b-32").cells if c.defense_label == "tecoa-vit-b-32")
+    assert tecoa.config["model"]["base"]["entry"] == "openai-vit-b-32"
+

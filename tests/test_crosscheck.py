@@ -37,9 +37,10 @@ import pytest
 import torch
 
 from vlbench import api
-from vlbench.data.datasets import load_dataset, read_yaml, subset_indices
+from vlbench.data.datasets import load_dataset, subset_indices
 from vlbench.evaluation.context import classifier_weights, sample_noise
 from vlbench.evaluation.objectives import ClassificationObjective
+from vlbench.schema import read_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["world-shape", "world-colour", "world-size", "world-position", "world-texture"]
@@ -50,7 +51,7 @@ SEEDS = (0, 1, 2)
 _THEIRS: dict[tuple, torch.Tensor] = {}
 VERSION = "3.5.1"
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def test_default_pretraining_reaches_its_targets(native):
     assert metrics["i2t_R@1"] >= 97 and metrics["t2i_R@1"] >= 97, metrics
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_world_pretraining_reaches_the_same_metrics_with_other_kernels(tmp_path, native):
     home, _ = native
     vlbench("world", "pretrain", cache=tmp_path / "cache", env=forced_family())
@@ -129,7 +129,7 @@ def test_world_pretraining_reaches_the_same_metrics_with_other_kernels(tmp_path,
     assert worst <= 1.0, {k: (ours[k], theirs[k]) for k in ours}
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_the_matrix_gives_the_same_cells_with_other_kernels(tmp_path, native):
     """The trained models of the native run (its cache), evaluated again with the other
     kernel family, from scratch: embeddings, every attack, every metric.

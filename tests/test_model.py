@@ -1,10 +1,12 @@
-"""The victim wrapper and model loading through open_clip."""
+"""The victim wrapper, and loading a model from an architecture and weights (the release formats
+and the model card have tests of their own)."""
 
 import pytest
 import torch
 
 from vlbench.errors import UserError
-from vlbench.models.victim import WORLD_MODEL, load_victim
+from vlbench.models.factory import load_victim
+from vlbench.models.victim import WORLD_MODEL
 
 
 def test_images_of_any_resolution_are_resized_inside(world_victim):
@@ -57,15 +59,19 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
 
 
-def test_pretrained_tag_offline_says_where_to_put_weights():
+def test_a_pretrained_tag_not_on_this_machine_names_the_fetch_and_the_path(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(UserError) as info:
         load_victim("RN50", "openai")
     message = str(info.value)
-    assert "not available offline" in message and "--pretrained" in message
+    assert "not on this machine" in message and "hf download timm/resnet50_clip.openai" in message
+    assert str(tmp_path / "hub" / "models--timm--resnet50_clip.openai") in message and "\n" not in message
 
 
 def test_unknown_pretrained_tag():
-    with pytest.raises(UserError, match="unknown pretrained tag 'nonsense'"):
+    with pytest.raises(UserError, match="RN50 has no pretrained tag 'nonsense'; use one of"):
         load_victim("RN50", "nonsense")
 
 
@@ -94,6 +100,6 @@ def test_tokens_are_cached_per_string_and_shared_by_copies(tiny_victim):
     assert tiny_victim.tokenize([]).shape[0] == 0
 
 
-def test_the_world_clip_without_a_checkpoint_is_one_line():
-    with pytest.raises(UserError, match="vlbench-world has no pretrained tag"):
+def test_an_architecture_without_weights_is_one_line():
+    with pytest.raises(UserError, match="'vlbench-world' is neither a model entry nor given weights"):
         load_victim(WORLD_MODEL)

@@ -10,25 +10,31 @@ import pytest
 
 from vlbench.cli import main
 from vlbench.errors import UserError
-from vlbench.reporting import claimed
 from vlbench.reporting.leaderboard import record_command, write_leaderboard
+from vlbench.schema import parse_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cell(folder, defense, attack, dataset, correct, *, name=None, params=None, eps=None, modality="image",
-         model="ViT-B-32", subset="s", versions=None, fit=None):
-    """A result cell in the format the runner writes (schema 3: with per-sample outcomes)."""
-    label = f"{defense}__{attack}__{dataset}"
+         model="ViT-B-32", subset="s", versions=None, fit=None, seed=0, entry=None, weights="w1", attack_params=None):
+    """A result cell in the format the runner writes (schema 3: with per-sample outcomes); with
+    ``entry``, its base model as a model card entry (as cells record it since the card), else
+    as an architecture and tag (as older cells do)."""
+    label = f"{defense}__{attack}__{dataset}" + (f"__{entry}-{weights}" if entry else "")  # ids name the weights
     threat = {} if attack == "none" else {"modality": modality, **({"eps_255": eps} if eps is not None else {})}
     payload = {
         "schema": 3, "cell": label, "defense": defense, "attack": attack, "dataset": dataset,
-        "task": "classification", "n": len(correct), "subset_hash": f"{subset}-{dataset}", "seed": 0,
+        "task": "classification", "n": len(correct), "subset_hash": f"{subset}-{dataset}", "seed": seed,
         "precision": "fp32", "created": "2026-01-01T00:00:00+00:00", "code_revision": "abc",
         "metrics": {"top1": 100.0 * sum(correct) / len(correct)},
-        "config": {"model": model, "pretrained": "openai", "base": "w1",
+        "config": {**({"model": model, "pretrained": "openai"} if entry is None else {"model": {
+                       "entry": entry, "arch": model, "tag": None, "source": f"hf-hub:org/{entry}", "format": "open_clip_hf",
+                       "towers": "full", "weights": weights, "base": None}}),
                    "defense": {"name": name or defense, "version": "1", "params": params or {}},
-                   "attack": {"name": attack.split("@")[0], "version": "1", "params": {}, "threat_model": threat}},
+                   "attack": {"name": attack.split("@")[0], "version": "1", "params": attack_params or {},
+                              "threat_model": threat}},
+        **({"base": {"entry": entry, "fingerprint": f"{weights}-loaded"}} if entry is not None else {}),
         "model": {"trained": fit is not None, **({"checkpoint": f"/cache/{defense}-0123.safetensors",
                                                   "fit": {"seconds": fit}} if fit is not None else {})},
         "versions": versions or {"vlbench": "0.1.0", "torch": "2.14.1", "open_clip": "3.3.0"},
@@ -127,10 +133,10 @@ def test_claims_sit_next_to_measured_numbers_and_flag_rows_below_them(board):
 ])
 def test_a_malformed_claim_is_a_one_line_user_error(raw, problem):
     with pytest.raises(UserError, match=problem):
-        claimed.parse([raw], "defense x")
+        parse_claims([raw], "defense x")
 
 
-def test_a_model_card_adds_claims_and_the_paper_of_an_unregistered_defense(board):
+def test_a_submission_record_adds_claims_and_the_paper_of_an_unregistered_defense(board):
     for dataset in ("a", "b"):
         cell(board, "mine", "none", dataset, ones(70), name="not-installed-here")
     card = {"name": "not-installed-here", "paper": "Someone et al., 2026", "claimed": [
@@ -142,24 +148,51 @@ def test_a_model_card_adds_claims_and_the_paper_of_an_unregistered_defense(board
     assert "Someone et al., 2026" in section and "70.0 ±" in section and "below claimed" in section
 
 
-def test_folders_merge_into_one_page_only_when_their_settings_agree(tmp_path, capsys):
+def test_folders_merge_unless_their_protocol_differs(tmp_path, capsys):
+    """Models, weights and library versions may differ between merged folders; the seed, a
+    dataset's subset, what an attack label does and the precision may not."""
+    folders = {n: tmp_path / n for n in ("first", "second", "subset", "seed", "attack")}
+    for folder in folders.values():
+        folder.mkdir()
+    for dataset in ("a", "b"):
+        cell(folders["first"], "none", "none", dataset, ones(60))
+        cell(folders["second"], "submitted", "none", dataset, ones(65), model="ViT-L-14", entry="mine",
+             versions={"vlbench": "0.1.0", "torch": "2.2.0", "open_clip": "3.3.0"})
+        cell(folders["subset"], "other", "none", dataset, ones(65), subset="t")
+        cell(folders["seed"], "other", "none", dataset, ones(65), seed=1)
+        cell(folders["attack"], "other", "none", dataset, ones(65), attack_params={"steps": 3})
+    assert main(["leaderboard", str(folders["first"]), str(folders["second"]), "--out", str(tmp_path / "merged")]) == 0
+    markdown = (tmp_path / "merged" / "leaderboard.md").read_text()
+    assert "| none " in markdown and "| submitted " in markdown
+    # each row says what model it is
+    assert "| submitted | submitted | ViT-L-14       | mine" in markdown and "hf-hub:org/mine" in markdown
+    html = (tmp_path / "merged" / "leaderboard.html").read_text()
+    assert '<span class="model">ViT-L-14 · mine</span>' in html
+    csv = (tmp_path / "merged" / "leaderboard.csv").read_text()
+    assert "ViT-L-14,mine,hf-hub:org/mine" in csv
+    for name, named in (("subset", "a subset: s-a (n=100) in"), ("seed", "seed: 0 in"), ("attack", "attack none")):
+        assert main(["leaderboard", str(folders["first"]), str(folders[name]), "--out", str(tmp_path / name)]) == 2
+        error = capsys.readouterr().err
+        assert named in error and error.count("\n") == 1 and not (tmp_path / name / "leaderboard.html").exists()
+    assert main(["leaderboard", str(folders["first"]), str(folders["second"])]) == 2
+    assert "pass --out" in capsys.readouterr().err
+
+
+def test_one_label_on_two_base_models_is_two_rows(tmp_path):
+    """Two folders' `none` rows on different weights (another release, or the same entry built
+    with other bits) are never shown as one row."""
     first, second, third = (tmp_path / n for n in ("first", "second", "third"))
     for folder in (first, second, third):
         folder.mkdir()
     for dataset in ("a", "b"):
-        cell(first, "none", "none", dataset, ones(60))
-        cell(second, "submitted", "none", dataset, ones(65))
-        cell(third, "other", "none", dataset, ones(65), subset="t",
-             versions={"vlbench": "0.1.0", "torch": "2.2.0", "open_clip": "3.3.0"})
-    assert main(["leaderboard", str(first), str(second), "--out", str(tmp_path / "merged")]) == 0
+        cell(first, "none", "none", dataset, ones(60), entry="world-clip", weights="1111aaaa")
+        cell(second, "none", "none", dataset, ones(40), entry="world-clip", weights="2222bbbb")
+        cell(third, "none", "none", dataset, ones(30), entry="tecoa-vit-b-32")
+    assert main(["leaderboard", str(first), str(second), str(third), "--out", str(tmp_path / "merged")]) == 0
     markdown = (tmp_path / "merged" / "leaderboard.md").read_text()
-    assert "| none " in markdown and "| submitted " in markdown
-    assert main(["leaderboard", str(first), str(third), "--out", str(tmp_path / "refused")]) == 2
-    error = capsys.readouterr().err
-    assert "a subset: s-a (n=100) in" in error and "torch 2.14.1" in error and "torch 2.2.0" in error
-    assert error.count("\n") == 1 and not (tmp_path / "refused" / "leaderboard.html").exists()
-    assert main(["leaderboard", str(first), str(second)]) == 2
-    assert "pass --out" in capsys.readouterr().err
+    rows = {line.split("|")[1].strip() for line in markdown.split("**Models**")[1].splitlines() if line.startswith("| none")}
+    assert rows == {"none [world-clip weights 1111aaaa-loa]", "none [world-clip weights 2222bbbb-loa]",
+                    "none [tecoa-vit-b-32]"}
 
 
 def test_the_run_records_its_commands_once_each(tmp_path):

@@ -339,14 +339,16 @@ def test_missing_open_clip_weights_are_one_line_at_once(tmp_path):
     huggingface_hub reads it, so there is no retrying against the hub and no warnings."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_HOME"] = str(tmp_path / "hf")
-    done = subprocess.run([sys.executable, "-m", "vlbench", "run", "matrix", "--model", "ViT-B-32", "--pretrained",
-                           "openai", "--defenses", "none", "--attacks", "none", "--datasets", "world-colour",
-                           "--out", str(tmp_path / "out"), "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "not available offline" in lines[0] and "HF_HOME=" in lines[0]
-    assert not (tmp_path / "out").exists()
+    for model in (["--model", "ViT-B-32", "--pretrained", "openai"], ["--model", "openai-vit-b-32"]):
+        done = subprocess.run([sys.executable, "-m", "vlbench", "run", "matrix", *model, "--defenses", "none",
+                               "--attacks", "none", "--datasets", "world-colour", "--out", str(tmp_path / "out"),
+                               "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "is not on this machine" in lines[0]
+        assert str(tmp_path / "hf" / "hub" / "models--timm--vit_base_patch32_clip_224.openai") in lines[0]
+        assert ("vlbench models fetch openai-vit-b-32" in lines[0]) == (model[1] == "openai-vit-b-32")
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("defense, expected", [

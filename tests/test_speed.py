@@ -129,7 +129,8 @@ def test_matrix_cell_overhead_against_evaluating_directly(benchmark, tmp_path, w
     the evaluator on the same data with the same attack."""
     from vlbench.data.datasets import load_dataset, subset_indices
     from vlbench.evaluation.tasks import evaluate
-    from vlbench.models.victim import WORLD_MODEL, load_victim
+    from vlbench.models.factory import load_victim
+    from vlbench.models.victim import WORLD_MODEL
     from vlbench.run.matrix import MatrixConfig, PluginSpec, run_matrix
 
     params = {"eps": 4, "steps": 10, "step_size": 1}

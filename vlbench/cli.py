@@ -4,7 +4,9 @@
                        [--limit N] [--out DIR] [--seed N] [--device cpu|cuda]
                        [--executor local|slurm] [--workers N] [--shard I/N] [--retry-failed]
     vlbench status RESULTS_DIR
-    vlbench ls defenses|attacks|datasets
+    vlbench ls defenses|attacks|datasets|models
+    vlbench models fetch NAME[,NAME]|all
+    vlbench models check [NAME ...]
     vlbench leaderboard RESULTS_DIR [RESULTS_DIR ...] [--out DIR]
     vlbench compare RESULTS_DIR --defenses A,B
     vlbench audit DEFENSE[,DEFENSE] [--checks FILE] [run matrix's options]
@@ -34,6 +36,8 @@ EPILOG = """examples:
   vlbench run matrix --attacks none,pgd --limit 200    # a quick subset
   vlbench run matrix --config configs/world.yaml --out runs/mine
   vlbench ls attacks
+  vlbench ls models                                    # the model card: released robust CLIPs and bases
+  vlbench models fetch robustvlm-fare4-vit-b-32        # download, verified; nothing downloads at run time
   vlbench leaderboard runs/world
   vlbench compare runs/world --defenses tecoa,fare     # paired differences, intervals, p-values
   vlbench run matrix --workers 2                       # two worker processes on this machine
@@ -90,8 +94,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="forward-pass precision (default fp32; bf16/fp16 only where native)")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32")
-    parser.add_argument("--pretrained", help="open_clip pretrained tag or a checkpoint path")
+    parser.add_argument("--model", help="the base model of every row without a base: a model card entry "
+                        "(vlbench ls models), or an open_clip architecture with --pretrained")
+    parser.add_argument("--pretrained", help="other weights for --model: an open_clip tag, hf-hub:ORG/NAME[/FILE], "
+                        "or a checkpoint file or folder (any release format)")
     parser.add_argument("--data-root", type=Path, help="folder holding the datasets (or $VLBENCH_DATA)")
     parser.add_argument("--dataset-root", action="append", default=[], metavar="NAME=PATH",
                         help="where one dataset lives (repeatable)")
@@ -114,8 +120,8 @@ def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.Ar
     status = commands.add_parser("status", help="a results folder's cells: done, running, failed or pending")
     status.add_argument("results_dir", type=Path)
 
-    ls = commands.add_parser("ls", help="list registered defenses, attacks or datasets")
-    ls.add_argument("kind", choices=["defenses", "attacks", "datasets"])
+    ls = commands.add_parser("ls", help="list registered defenses, attacks, datasets or models")
+    ls.add_argument("kind", choices=["defenses", "attacks", "datasets", "models"])
     _add_plugin_flag(ls)
 
     board = commands.add_parser("leaderboard", help="write leaderboard CSV/Markdown/HTML (with figures) from "
@@ -124,7 +130,7 @@ def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.Ar
     board.add_argument("--out", type=Path, help="where the merged leaderboard goes (needed for several folders)")
 
     submit = commands.add_parser("submit", help="validate a defense or attack, run a protocol's matrix with it "
-                                 "added, and write a submission folder (cells, model card, leaderboard)")
+                                 "added, and write a submission folder (cells, submission record, leaderboard)")
     submit.add_argument("target", metavar="PLUGIN.py|NAME", help="a plugin file, or a registered (installed) name")
     submit.add_argument("--protocol", type=Path, help="the matrix config to run (default: the embedded world config)")
     submit.add_argument("--baseline", type=Path, action="append", default=[], metavar="RESULTS_DIR",
@@ -155,6 +161,18 @@ def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.Ar
                           help="a plugin parameter for the runs on the world, the value read as YAML (repeatable), "
                           "e.g. --set mlm=world")
 
+    models = commands.add_parser("models", help="the model card's weights: fetch them (verified), check what is here")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    fetch = model_commands.add_parser("fetch", help="download model entries into the Hugging Face cache or "
+                                      "vlbench's, verified against their sha256 (a cut transfer resumes)")
+    fetch.add_argument("names", type=_names, metavar="NAME[,NAME]|all")
+    fetch.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="for a built entry (the world CLIP): the precision it is built at")
+    fetch.add_argument("--no-progress", action="store_true")
+    check = model_commands.add_parser("check", help="per entry: present or missing, size, verified; exit "
+                                      "status 1 if a file differs from its entry's sha256")
+    check.add_argument("names", nargs="*", metavar="NAME", help="entries to check (default: every entry)")
+
     world = commands.add_parser("world", help="the synthetic world")
     world_commands = world.add_subparsers(dest="world_command", required=True)
     pretrain = world_commands.add_parser("pretrain", help="pretrain (or reuse) the world's tiny CLIP")
@@ -171,7 +189,7 @@ def default_config_path() -> Path:
 
 
 def matrix_config(args: argparse.Namespace):
-    from vlbench.data.datasets import read_yaml
+    from vlbench.schema import read_yaml
     from vlbench.run.matrix import MatrixConfig, select
 
     path = args.config or default_config_path()
@@ -324,6 +342,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [(n, s.task, s.reference or "", s.description) for n in dataset_names() for s in [get_spec(n)]]
         print(tabulate(rows, headers=["name", "task", "reference", "description"]))
         return 0
+    if args.kind == "models":
+        from vlbench.models.card import card
+
+        def weights(spec) -> str:  # a URL shown by its host and file name, as people recognise it
+            text = spec.weights.describe()
+            return (text.split("/")[2] + "/…/" + text.rsplit("/", 1)[1]) if spec.weights.url else text
+
+        entries = card()
+        rows = [(name, spec.arch, f"{spec.format}" + (f", {spec.towers} on {spec.base}" if spec.base else ""),
+                 weights(spec), spec.source + (" ⚑" if spec.unconfirmed else "")) for name, spec in entries.items()]
+        print(tabulate(rows, headers=["name", "arch", "release", "weights", "source"],
+                       maxcolwidths=[None, None, 34, 44, 56]))
+        print("\n⚑ not confirmed from a file read:\n" + "\n".join(
+            f"  {name}: {spec.unconfirmed}" for name, spec in entries.items() if spec.unconfirmed))
+        return 0
     from vlbench import api, plugins
 
     api.discover(args.plugin)
@@ -358,10 +391,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import shlex
 
-    from vlbench.models.victim import WORLD_MODEL
     from vlbench.reporting.leaderboard import record_command, write_leaderboard
-    from vlbench.run.submit import add_plugin, model_card, write_model_card
-    from vlbench.run.validate import plugins_of, validate
+    from vlbench.run.submit import add_plugin, submission_record, write_submission
+    from vlbench.run.validate import plugins_of, validate, world_model
 
     options = _set_options(args.set)
     if args.target.endswith(".py"):
@@ -370,7 +402,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     args.defenses = args.attacks = None
     cfg = _prepare_run(args)
     # validated on the protocol's world CLIP when the protocol runs on the world, else the default one
-    checks = validate(args.target, _world_victim(cfg.pretrained if cfg.model == WORLD_MODEL else None), options)
+    checks = validate(args.target, world_model(cfg.model, cfg.pretrained, cfg.models), options)
     for check in checks:
         print(check.line())
     failed = sum(check.status == "fail" for check in checks)
@@ -395,7 +427,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _summary(cfg, plan)
     record_command(cfg.out, args.argv)
     protocol = str(args.config) if args.config else "configs/world.yaml (built in)"
-    write_model_card(cfg.out, model_card(kind, spec, protocol, "vlbench " + shlex.join(args.argv), checks))
+    write_submission(cfg.out, submission_record(kind, spec, protocol, "vlbench " + shlex.join(args.argv), checks))
     write_leaderboard([*args.baseline, Path(cfg.out)], print_markdown=True, out=cfg.out)
     print(f"submission: {cfg.out} (cells, submission.json, leaderboard.html)", file=sys.stderr)
     return 0
@@ -447,29 +479,51 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _world_victim(pretrained: str | None):
-    """A loader of the world CLIP that ``validate`` runs plugins on: the cached one, or
-    the checkpoint ``pretrained``."""
-    def victim():
-        from vlbench.models.victim import WORLD_MODEL, load_victim, register_model_configs
-        from vlbench.world.pretrain import world_victim
-
-        if pretrained is None:
-            return world_victim(progress=False)
-        register_model_configs()
-        return load_victim(WORLD_MODEL, pretrained, "cpu")
-    return victim
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    from vlbench.run.validate import validate
+    from vlbench.run.validate import validate, world_model
 
-    checks = validate(args.target, _world_victim(args.pretrained), _set_options(args.set))
+    checks = validate(args.target, world_model(pretrained=args.pretrained), _set_options(args.set))
     for check in checks:
         print(check.line())
     failed = sum(check.status == "fail" for check in checks)
     print(f"{failed} of {len(checks)} checks failed" if failed else f"all {len(checks)} checks passed or n/a")
     return 2 if failed else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from vlbench.models.card import card, get_model
+
+    if args.models_command == "check":
+        from tabulate import tabulate
+
+        from vlbench.models.weights import human_size, status
+
+        names = args.names or list(card())
+        found = [status(get_model(name)) for name in names]
+        print(tabulate([(s.name, "present" if s.present else "missing", human_size(s.size),
+                         {True: "verified", False: "MISMATCH", None: "–"}[s.verified], s.note, s.where)
+                        for s in found], headers=["name", "state", "size", "sha256", "note", "where"]))
+        print(f"{sum(s.present for s in found)} of {len(found)} present, {sum(s.verified is True for s in found)} "
+              f"verified, {sum(s.verified is False for s in found)} differing from their entry")
+        return 1 if any(s.verified is False for s in found) else 0
+    from vlbench.models.fetch import fetch
+
+    every = args.names == ["all"]
+    specs = [get_model(name) for name in (list(card()) if every else args.names)]  # all checked before downloading
+    report = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    failed = []
+    for spec in specs:
+        try:
+            print(fetch(spec, args.precision, progress=not args.no_progress, report=report).line())
+        except UserError as exc:
+            if not every:
+                raise
+            failed.append(spec.name)  # `all` fetches what it can and names the rest
+            print(f"{spec.name}: not fetched: {exc}", file=sys.stderr, flush=True)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(specs)} entries were not fetched ({', '.join(failed)})",
+                        "see the lines above; an entry with a path is placed by hand (its entry says where from)")
+    return 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:
@@ -494,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     handlers = {"run": cmd_run_matrix, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "world": cmd_world,
                 "prepare": cmd_prepare, "status": cmd_status, "compare": cmd_compare, "audit": cmd_audit,
-                "validate": cmd_validate, "submit": cmd_submit}
+                "validate": cmd_validate, "submit": cmd_submit, "models": cmd_models}
     try:
         return handlers[args.command](args)
     except UserError as exc:

@@ -138,10 +138,7 @@ class Registry(Generic[T]):
         return entry.target
 
     def unknown_message(self, name: str) -> str:
-        names = sorted(self._entries)
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        return f"unknown {self.kind} {name!r}; {hint}known: {', '.join(names) or '(none)'}"
+        return unknown_name(self.kind, name, self._entries)
 
     def origin(self, name: str) -> str:
         self.get(name)
@@ -164,3 +161,12 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def unknown_name(kind: str, name: str, known) -> str:
+    """The message for a ``name`` that is not among ``known`` (a registry's, a card's, open_clip's
+    architectures): the closest names, then every one."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return f"unknown {kind} {name!r}; {hint}known: {', '.join(names) or '(none)'}"

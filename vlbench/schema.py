@@ -1,17 +1,80 @@
 """Values read from YAML or the command line, checked against the type hints of the
-dataclass they fill: plugin parameters, matrix configs and dataset card entries.
+dataclass they fill: plugin parameters, matrix configs, dataset and model card entries.
 
-One checker for all three, so that ``limit: "200"``, ``eps: [4]`` or ``options: null`` is
-the same kind of one-line error wherever it is written.
+One reader (:func:`read_yaml`) and one checker (:func:`check_type`, and
+:func:`from_mapping` for a whole dataclass) for all of them, so that ``limit: "200"``,
+``eps: [4]`` or ``options: null`` is the same kind of one-line error wherever it is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
 
 from vlbench.errors import UserError
+
+T = TypeVar("T")
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """``yaml.safe_load`` a file, turning every failure into a one-line :class:`UserError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}", "check the path") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"malformed YAML in {what} {path}{where}: {problem}",
+                        "fix the syntax (indentation, colons, quotes)") from None
+
+
+def read_card(path: Path, key: str, what: str) -> dict:
+    """The ``key:`` mapping of the card file ``path`` (``datasets.yaml``, ``models.yaml``)."""
+    raw = read_yaml(path, what)
+    if not isinstance(raw, dict) or not isinstance(raw.get(key), dict):
+        raise UserError(f"{what} {path} has no '{key}:' mapping", f"see the top of the shipped {Path(path).name}")
+    return raw[key]
+
+
+_read: dict[tuple[Any, Path], Any] = {}
+
+
+def read_once(path: Path, load: Callable[[Path], T]) -> T:
+    """``load(path)``, once per process for each loader and path (a card read by every lookup;
+    pointing ``VLBENCH_*_FILE`` at another file reads that one)."""
+    key = (load, Path(path))
+    if key not in _read:
+        _read[key] = load(Path(path))
+    return _read[key]
+
+
+def from_mapping(cls: type[T], raw: Any, what: str, *, required: tuple[str, ...] = (),
+                 skip: tuple[str, ...] = (), **fixed: Any) -> T:
+    """The dataclass ``cls`` filled from the mapping ``raw``: an unknown or missing key, or a
+    value of the wrong type, is a one-line :class:`UserError` naming ``what``. Keys in
+    ``skip`` are the caller's to read; ``fixed`` fields are given, not read."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} must be a mapping, got {raw!r}", "write it as key: value lines")
+    known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    unknown = sorted(set(map(str, raw)) - known - set(skip))
+    if unknown:
+        raise UserError(f"{what} has unknown keys {unknown}", f"use only {sorted(known)}")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise UserError(f"{what} lacks {missing[0]!r}", f"add a {missing[0]}: line")
+    hints = typing.get_type_hints(cls)
+    values = {key: check_type(value, hints[key], f"{what}: {key!r}") for key, value in raw.items()
+              if key not in skip}
+    return cls(**values, **fixed)
 
 
 class _Mismatch(Exception):
@@ -103,3 +166,68 @@ def _fit(value: Any, hint: Any) -> Any:
     if isinstance(hint, type) and isinstance(value, hint):
         return value
     raise _Mismatch
+
+
+# -- claimed numbers ---------------------------------------------------------------------
+#: the keys of a claimed number (Defense.claimed, a model card entry's or a submission's claimed)
+CLAIM_KEYS = ("model", "dataset", "attack", "eps", "metric", "value", "source")
+CLAIM_OPTIONAL = ("pretrained", "params")
+#: a claim's dataset when it is the mean over the classification datasets
+MEAN = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A number a paper or a release reports: its setting (base model, optionally the
+    pretrained weights and the defense parameters, dataset or ``mean``, attack and epsilon in
+    1/255, metric), the value in % and the source it was read from."""
+
+    model: str
+    dataset: str
+    attack: str
+    eps: float | None
+    metric: str
+    value: float
+    source: str
+    pretrained: str | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: Any, owner: str) -> "Claim":
+        if not isinstance(raw, dict):
+            raise UserError(f"{owner}: a claimed number must be a mapping, not {raw!r}",
+                            f"give each claim the keys {', '.join(CLAIM_KEYS)}")
+        missing = [k for k in CLAIM_KEYS if k not in raw]
+        unknown = sorted(set(raw) - set(CLAIM_KEYS) - set(CLAIM_OPTIONAL))
+        if missing or unknown:
+            problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(unknown)}"
+            raise UserError(f"{owner}: the claim {raw!r} {problem}",
+                            f"give each claim the keys {', '.join(CLAIM_KEYS)} (optional: {', '.join(CLAIM_OPTIONAL)})")
+        try:
+            value = float(raw["value"])
+            eps = None if raw["eps"] is None else float(raw["eps"])
+        except (TypeError, ValueError):
+            raise UserError(f"{owner}: the claim {raw!r} has a value or eps that is not a number",
+                            "write value in % and eps in 1/255 (null when clean)") from None
+        params = raw.get("params") or {}
+        if not isinstance(params, dict):
+            raise UserError(f"{owner}: the claim's params {params!r} is not a mapping", "write params: {eps: 4}")
+        return cls(str(raw["model"]), str(raw["dataset"]), str(raw["attack"]), eps, str(raw["metric"]), value,
+                   str(raw["source"]), None if raw.get("pretrained") is None else str(raw["pretrained"]),
+                   tuple(sorted(params.items())))
+
+    def setting(self) -> str:
+        model = self.model + (f" ({self.pretrained})" if self.pretrained else "")
+        attack = "clean" if self.attack == "none" else self.attack + (f" ε={self.eps:g}/255" if self.eps is not None
+                                                                       else "")
+        params = "".join(f", {k}={v}" for k, v in self.params)
+        dataset = "mean over the classification datasets" if self.dataset == MEAN else self.dataset
+        return f"{model}{params}: {dataset}, {attack}, {self.metric}"
+
+
+def parse_claims(raw: Any, owner: str) -> list[Claim]:
+    """A ``claimed:`` list, each entry checked (one-line errors naming ``owner``)."""
+    if not isinstance(raw, (list, tuple)):
+        raise UserError(f"{owner}: claimed must be a list of claims, not {type(raw).__name__}",
+                        "write claimed: [{model: ..., dataset: ..., ...}]")
+    return [Claim.from_dict(item, owner) for item in raw]

@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pools", default="all", help="'all' or pool names, comma-separated")
     parser.add_argument("--per-pool", type=int, default=2)
     parser.add_argument("--margin", type=float, default=0.05, help="alignment filter margin")
-    parser.add_argument("--model", default=None, help="base model (default: the world CLIP)")
-    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--model", default="world-clip", help="base model: a model card entry, or an open_clip "
+                        "architecture with --pretrained (default: the world CLIP)")
+    parser.add_argument("--pretrained", default=None, help="other weights for --model: a tag, hf-hub:ORG/NAME or a path")
     parser.add_argument("--data-root", type=Path)
     return parser
 
@@ -34,7 +35,7 @@ def augment(args: argparse.Namespace) -> None:
     from tabulate import tabulate
 
     from vlbench.data.datasets import load_dataset
-    from vlbench.models.victim import WORLD_MODEL, load_victim
+    from vlbench.models.factory import load_victim
 
     if args.data_root:
         os.environ["VLBENCH_DATA"] = str(args.data_root)
@@ -46,12 +47,7 @@ def augment(args: argparse.Namespace) -> None:
     data = load_dataset(args.dataset, split=args.split)
     if data.task != "retrieval":
         raise UserError(f"{args.dataset} is a {data.task} dataset", "augment a retrieval dataset")
-    if args.model in (None, WORLD_MODEL) and not args.pretrained:
-        from vlbench.world.pretrain import world_victim
-
-        victim = world_victim()
-    else:
-        victim = load_victim(args.model or WORLD_MODEL, args.pretrained)
+    victim = load_victim(args.model, args.pretrained)
     config = AugmentConfig(tuple(p for p in TEXT_POOLS if p in pools), tuple(p for p in IMAGE_POOLS if p in pools),
                            args.per_pool, args.margin)
     bank, folder = cached_bank(victim, data, config)

@@ -18,89 +18,46 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from vlbench.errors import UserError
-from vlbench.registry import Registry, import_target
-from vlbench.schema import check_type
+from vlbench.registry import import_target, unknown_name
+from vlbench.schema import from_mapping, read_card, read_once
 from vlbench.store.files import stable_hash
-from vlbench.store.paths import builtin_root, cache_dir
+from vlbench.store.paths import cache_dir, card_file
 
 from .spec import TASKS, DatasetMissing, DatasetSpec, EvalData, LoadedSplit, env_root_variable, loaders  # noqa: F401  (the names users import from here)
 
 # -- the card ---------------------------------------------------------------------------
-_FIELDS = set(DatasetSpec.__dataclass_fields__) - {"name"}
-_HINTS = typing.get_type_hints(DatasetSpec)
 
 
 def card_path() -> Path:
-    return Path(os.environ.get("VLBENCH_DATASETS_FILE") or builtin_root() / "datasets.yaml")
-
-
-def read_yaml(path: Path, what: str) -> Any:
-    """``yaml.safe_load`` a file, turning every failure into a one-line :class:`UserError`."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}",
-                        "check the path") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise UserError(f"malformed YAML in {what} {path}{where}: {problem}",
-                        "fix the syntax (indentation, colons, quotes)") from None
+    return card_file("datasets.yaml", "VLBENCH_DATASETS_FILE")
 
 
 def load_card(path: Path | None = None) -> dict[str, DatasetSpec]:
     path = Path(path) if path else card_path()
-    raw = read_yaml(path, "dataset card")
-    if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
-        raise UserError(f"dataset card {path} has no 'datasets:' mapping",
-                        "see the top of the shipped datasets.yaml for the format")
     specs = {}
-    for name, entry in raw["datasets"].items():
-        if not isinstance(entry, dict):
-            raise UserError(f"dataset {name!r} in {path} is not a mapping", "give it task/loader keys")
-        unknown = set(entry) - _FIELDS
-        if unknown:
-            raise UserError(f"dataset {name!r} in {path} has unknown keys {sorted(unknown)}",
-                            f"use only {sorted(_FIELDS)}")
-        for key in ("task", "loader"):
-            if key not in entry:
-                raise UserError(f"dataset {name!r} in {path} lacks {key!r}", f"add a {key}: line")
-        if entry["task"] not in TASKS:
-            raise UserError(f"dataset {name!r} has task {entry['task']!r}", f"use one of {TASKS}")
-        values = {key: check_type(value, _HINTS[key], f"dataset {name!r} in {path}: {key!r}")
-                  for key, value in entry.items()}
-        specs[str(name)] = DatasetSpec(name=str(name), **values)
+    for name, entry in read_card(path, "datasets", "dataset card").items():
+        spec = from_mapping(DatasetSpec, entry, f"dataset {name!r} in {path}", required=("task", "loader"),
+                            name=str(name))
+        if spec.task not in TASKS:
+            raise UserError(f"dataset {name!r} has task {spec.task!r}", f"use one of {TASKS}")
+        specs[str(name)] = spec
     return specs
 
 
-_card_cache: dict[Path, dict[str, DatasetSpec]] = {}
-
-
 def _specs() -> dict[str, DatasetSpec]:
-    path = card_path()
-    if path not in _card_cache:
-        _card_cache[path] = load_card(path)
-    return _card_cache[path]
+    return read_once(card_path(), load_card)
 
 
 def get_spec(name: str) -> DatasetSpec:
     specs = _specs()
     if name not in specs:
-        holder = Registry("dataset")
-        for known in specs:
-            holder.register_lazy(known, "builtins:object")
-        raise UserError(holder.unknown_message(name), f"datasets are declared in {card_path()}")
+        raise UserError(unknown_name("dataset", name, specs), f"datasets are declared in {card_path()}")
     return specs[name]
 
 

@@ -3,16 +3,12 @@
 Images enter :class:`Victim` as float pixels in [0, 1] at the dataset's own resolution;
 resizing to the model's input size and mean/std normalisation happen inside the forward
 pass, so every attack's epsilon is in pixel units (as in TeCoA's ``clip_img_preprocessing``
-and FARE's model wrapper). :func:`load_victim` builds any open_clip architecture from a
-pretrained tag or a local checkpoint through open_clip's own factory, and the synthetic
-world's tiny CLIP from the user cache.
+and FARE's model wrapper). :mod:`vlbench.models.factory` builds a Victim from any model card
+entry.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,19 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlbench.errors import UserError
 from vlbench.models.precision import autocast
 from vlbench.store.files import stable_hash, tensor_fingerprint
 
+#: the world CLIP's open_clip architecture (its model card entry is ``world-clip``)
 WORLD_MODEL = "vlbench-world"
 #: open_clip architecture configs of vlbench's own models (the world CLIP)
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _registered = False
-
-
-def is_world_default(name: str, pretrained: str | None) -> bool:
-    """Does (``name``, ``pretrained``) ask for the world CLIP without naming its checkpoint?"""
-    return name == WORLD_MODEL and pretrained in (None, "", "world")
 
 
 def register_model_configs() -> None:
@@ -79,7 +70,7 @@ class Victim(nn.Module):
     """Wraps an open_clip ``CLIP`` so that images are pixels in [0, 1]."""
 
     def __init__(self, model: nn.Module, tokenizer, name: str, pretrained: str | None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         # Convolutions run 25-30 % faster on CPUs in NHWC (measured on the world model, AVX2
         # and AVX-512); the weights' values, and so the fingerprint, do not change.
@@ -94,8 +85,8 @@ class Victim(nn.Module):
         size = getattr(model.visual, "image_size", 224)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-        mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
-        std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+        mean = mean or cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+        std = std or cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._fingerprint: str | None = None
@@ -204,83 +195,3 @@ class Victim(nn.Module):
     def weights_changed(self) -> None:
         """Call after training: the fingerprint is recomputed on next use."""
         self._fingerprint = None
-
-
-def _offline_hint(name: str, tag: str) -> str:
-    import open_clip
-
-    try:
-        cfg = open_clip.get_pretrained_cfg(name, tag)
-    except Exception:  # older open_clip: no per-tag config to point at
-        cfg = {}
-    hub = cfg.get("hf_hub") if isinstance(cfg, dict) else None
-    where = f"the Hugging Face cache entry of hf-hub:{hub.rstrip('/')}" if hub else "a local file"
-    return (f"download the {name}/{tag} weights on a connected machine into {where} "
-            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
-            f"or pass --pretrained /path/to/checkpoint.safetensors")
-
-
-@contextlib.contextmanager
-def _logs_held():
-    """Hold the log records emitted inside; replay them only if the block succeeds. open_clip
-    logs its own error before raising one, and the one-line error raised from it says it all."""
-    root = logging.getLogger()
-    held: list[logging.LogRecord] = []
-    holder = logging.Handler()
-    holder.emit = held.append
-    saved, root.handlers = root.handlers, [holder]
-    try:
-        yield
-    finally:
-        root.handlers = saved
-    for record in held:
-        root.handle(record)
-
-
-def load_victim(name: str = WORLD_MODEL, pretrained: str | None = None,
-                device: str | torch.device = "cpu", precision: str = "fp32") -> Victim:
-    """Build the victim: an open_clip architecture with a pretrained tag or a checkpoint path.
-
-    The world CLIP's weights are a checkpoint path (:func:`vlbench.world.pretrain.world_victim`
-    finds or pretrains it). Nothing is downloaded (see ``HF_HUB_OFFLINE`` in :mod:`vlbench`).
-    """
-    import open_clip
-
-    register_model_configs()
-    if name not in open_clip.list_models():
-        from vlbench.registry import Registry
-
-        known = Registry("model architecture")
-        for arch in open_clip.list_models():
-            known.register_lazy(arch, "builtins:object")
-        raise UserError(known.unknown_message(name), "pass an open_clip architecture to --model")
-    if is_world_default(name, pretrained):
-        raise UserError(f"{WORLD_MODEL} has no pretrained tag: its weights are a checkpoint file",
-                        "pass --pretrained PATH (`vlbench world pretrain` prints it), or leave --pretrained "
-                        "unset in `vlbench run matrix`, which pretrains the world CLIP when needed")
-
-    path = Path(pretrained).expanduser() if pretrained else None
-    is_file = path is not None and (path.suffix in {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
-                                    or os.sep in str(pretrained) or path.exists())
-    if is_file and not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist", "check the --pretrained path")
-    try:
-        with _logs_held():
-            model = open_clip.create_model(name, pretrained=str(path) if is_file else pretrained,
-                                           device=device, weights_only=True)
-    except UserError:
-        raise
-    except Exception as exc:  # open_clip raises many types; each becomes one line
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        if is_file:
-            raise UserError(f"unreadable checkpoint {path}: {reason}",
-                            "give a safetensors file or a torch state dict of this architecture") from None
-        tags = [t for arch, t in open_clip.list_pretrained() if arch == name]
-        if pretrained and pretrained not in tags:
-            raise UserError(f"unknown pretrained tag {pretrained!r} for {name}",
-                            f"use one of {tags or 'no tags: pass a checkpoint path'}") from None
-        raise UserError(f"weights for {name}/{pretrained} are not available offline ({reason[:120]})",
-                        _offline_hint(name, pretrained or "")) from None
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
-    return Victim(model, tokenizer, name, pretrained, precision).to(device)

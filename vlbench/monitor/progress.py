@@ -39,8 +39,10 @@ class LineProgress:
     """The part of tqdm's interface vlbench uses, printed as occasional whole lines."""
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
-                 leave: bool = True, initial: int = 0, stream=None):
+                 leave: bool = True, initial: int = 0, stream=None, unit: str = ""):
         self.iterable = iterable
+        #: "B": counts are bytes, shown in MB
+        self.unit = unit
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.desc, self.leave, self.n = total, desc or "", leave, initial
@@ -66,7 +68,9 @@ class LineProgress:
     def line(self) -> str:
         elapsed = time.perf_counter() - self.started
         done = self.n - self.initial
-        parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "")]
+        shown = (lambda n: f"{n / 2**20:.1f}") if self.unit == "B" else str
+        parts = [f"{self.desc}: {shown(self.n)}" + (f"/{shown(self.total)}" if self.total else "")
+                 + (" MB" if self.unit == "B" else "")]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
         parts.append(f"{clock(elapsed)} elapsed")
@@ -109,12 +113,14 @@ class _Silent(LineProgress):
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None,
-             enabled: bool = True, leave: bool = True, initial: int = 0):
-    """A progress bar over ``iterable`` (or updated by hand up to ``total``)."""
+             enabled: bool = True, leave: bool = True, initial: int = 0, unit: str = ""):
+    """A progress bar over ``iterable`` (or updated by hand up to ``total``); ``unit="B"``
+    counts bytes."""
     if not enabled:
-        return _Silent(iterable, total, desc, leave, initial)
+        return _Silent(iterable, total, desc, leave, initial, unit=unit)
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, leave=leave, initial=initial)
-    return LineProgress(iterable, total, desc, leave, initial)
+        scaled = dict(unit="B", unit_scale=True, unit_divisor=1024) if unit == "B" else {}
+        return tqdm(iterable, total=total, desc=desc, leave=leave, initial=initial, **scaled)
+    return LineProgress(iterable, total, desc, leave, initial, unit=unit)

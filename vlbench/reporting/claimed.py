@@ -3,8 +3,8 @@ folder measured in the same setting.
 
 A claim names its setting (model, optionally pretrained weights and the defense's parameters,
 dataset, attack and epsilon, metric), the value and its source. Claims come from a defense
-class's ``claimed`` table and from a submission's model card (``submission.json``, written by
-``vlbench submit``). A cell measures a claim when its model, attack name, epsilon and the
+class's ``claimed`` table, a model card entry's (``models.yaml``) and a submission record
+(``submission.json``, written by ``vlbench submit``). A cell measures a claim when its model, attack name, epsilon and the
 defense parameters the claim names all match; ``dataset: mean`` is the mean over every
 classification dataset measured in that setting (papers often report only that mean). A
 measured number whose whole 95 % interval lies below the claim flags the defense "below
@@ -19,85 +19,36 @@ from typing import Any
 
 import pandas as pd
 
-from vlbench.errors import UserError
+from vlbench.reporting.cells import base_model
+from vlbench.schema import MEAN, Claim
 
-REQUIRED = ("model", "dataset", "attack", "eps", "metric", "value", "source")
-OPTIONAL = ("pretrained", "params")
-MEAN = "mean"
 BELOW = "below claimed"
 
 
-@dataclass(frozen=True)
-class Claim:
-    model: str
-    dataset: str
-    attack: str
-    eps: float | None
-    metric: str
-    value: float
-    source: str
-    pretrained: str | None = None
-    params: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def from_dict(cls, raw: Any, owner: str) -> "Claim":
-        if not isinstance(raw, dict):
-            raise UserError(f"{owner}: a claimed number must be a mapping, not {raw!r}",
-                            f"give each claim the keys {', '.join(REQUIRED)}")
-        missing = [k for k in REQUIRED if k not in raw]
-        unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
-        if missing or unknown:
-            problem = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(unknown)}"
-            raise UserError(f"{owner}: the claim {raw!r} {problem}",
-                            f"give each claim the keys {', '.join(REQUIRED)} (optional: {', '.join(OPTIONAL)})")
-        try:
-            value = float(raw["value"])
-            eps = None if raw["eps"] is None else float(raw["eps"])
-        except (TypeError, ValueError):
-            raise UserError(f"{owner}: the claim {raw!r} has a value or eps that is not a number",
-                            "write value in % and eps in 1/255 (null when clean)") from None
-        params = raw.get("params") or {}
-        if not isinstance(params, dict):
-            raise UserError(f"{owner}: the claim's params {params!r} is not a mapping", "write params: {eps: 4}")
-        return cls(str(raw["model"]), str(raw["dataset"]), str(raw["attack"]), eps, str(raw["metric"]), value,
-                   str(raw["source"]), None if raw.get("pretrained") is None else str(raw["pretrained"]),
-                   tuple(sorted(params.items())))
-
-    def setting(self) -> str:
-        model = self.model + (f" ({self.pretrained})" if self.pretrained else "")
-        attack = "clean" if self.attack == "none" else self.attack + (f" ε={self.eps:g}/255" if self.eps is not None
-                                                                       else "")
-        params = "".join(f", {k}={v}" for k, v in self.params)
-        dataset = "mean over the classification datasets" if self.dataset == MEAN else self.dataset
-        return f"{model}{params}: {dataset}, {attack}, {self.metric}"
-
-    def matches(self, result: dict) -> bool:
-        config = result.get("config", {})
-        attack = config.get("attack", {})
-        defense_params = config.get("defense", {}).get("params", {})
-        if config.get("model") != self.model or attack.get("name") != self.attack:
+def measures(claim: Claim, result: dict) -> bool:
+    """Whether the cell ``result`` measures ``claim``: the same base architecture (and the
+    pretrained weights, where the claim names them: a model entry or an open_clip tag), attack,
+    epsilon, defense parameters, and dataset (any classification dataset for ``mean``)."""
+    config = result.get("config", {})
+    attack = config.get("attack", {})
+    defense_params = config.get("defense", {}).get("params", {})
+    model = base_model(result)
+    if model.get("arch") != claim.model or attack.get("name") != claim.attack:
+        return False
+    if claim.pretrained is not None and claim.pretrained not in (model.get("entry"), model.get("tag")):
+        return False
+    if claim.dataset == MEAN:
+        if result.get("task") != "classification":
             return False
-        if self.pretrained is not None and config.get("pretrained") != self.pretrained:
+    elif result.get("dataset") != claim.dataset:
+        return False
+    if claim.eps is not None:
+        eps = attack.get("threat_model", {}).get("eps_255")
+        if eps is None or not math.isclose(float(eps), claim.eps, abs_tol=1e-6):
             return False
-        if self.dataset == MEAN:
-            if result.get("task") != "classification":
-                return False
-        elif result.get("dataset") != self.dataset:
-            return False
-        if self.eps is not None:
-            eps = attack.get("threat_model", {}).get("eps_255")
-            if eps is None or not math.isclose(float(eps), self.eps, abs_tol=1e-6):
-                return False
-        if any(defense_params.get(k) != v for k, v in self.params):
-            return False
-        return self.metric in result.get("metrics", {})
-
-
-def parse(raw: Any, owner: str) -> list[Claim]:
-    if not isinstance(raw, (list, tuple)):
-        raise UserError(f"{owner}: claimed must be a list of claims, not {type(raw).__name__}",
-                        "write claimed: [{model: ..., dataset: ..., ...}]")
-    return [Claim.from_dict(item, owner) for item in raw]
+    if any(defense_params.get(k) != v for k, v in claim.params):
+        return False
+    return claim.metric in result.get("metrics", {})
 
 
 @dataclass
@@ -113,7 +64,7 @@ def compare(claims: list[Claim], results: list[dict], number_of) -> list[Compari
     per dataset), so the comparison carries its interval."""
     comparisons = []
     for claim in claims:
-        cells = [r for r in results if claim.matches(r)]
+        cells = [r for r in results if measures(claim, r)]
         if claim.dataset == MEAN and cells:
             # one cell per dataset: the newest, as the leaderboard shows
             cells = list({r["dataset"]: r for r in sorted(cells, key=lambda r: str(r.get("created")))}.values())

@@ -18,7 +18,9 @@ it (a paired test on the same samples, :mod:`vlbench.reporting.statistics`) are 
 :func:`build_board` gathers what both pages show (the tables, each defense's section with
 its claimed numbers, the notes, the provenance); ``leaderboard.html`` is rendered by
 :mod:`vlbench.reporting.page` and its figures drawn by :mod:`vlbench.reporting.figures`.
-Several folders merge into one board only when :func:`settings` agree across them.
+Several folders merge into one board only when their :func:`protocol` agrees: the models
+may differ, and every row shows its own (architecture, base model, where its weights came
+from); a label that names rows on different base weights is split by base.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ import pandas as pd
 from vlbench.errors import UserError
 from vlbench.evaluation.tasks import PRIMARY_METRICS
 from vlbench.reporting import checks, claimed, figures, statistics
+from vlbench.reporting.cells import base_fingerprint, base_model
 from vlbench.reporting.numbers import Number, column_leaders
 from vlbench.reporting.page import html_page
+from vlbench.schema import parse_claims
+from vlbench.store.artifacts import without_versions
 from vlbench.store.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "ci_low", "ci_high", "n", "subset_hash",
-                "seed", "cell", "created", "code_revision", "plugin_versions"]
+                "seed", "cell", "created", "code_revision", "plugin_versions", "arch", "base", "weights"]
 
 
 def plugin_versions(config: dict) -> list[str]:
@@ -81,6 +86,7 @@ def load_results(results_dir: Path) -> list[dict]:
 def read_results(results_dir: Path, results: list[dict] | None = None) -> pd.DataFrame:
     rows = []
     for result in results if results is not None else load_results(results_dir):
+        model = base_model(result)
         for metric, value in result["metrics"].items():
             found = statistics.outcomes(result, metric)
             low, high = (np.nan, np.nan) if found is None else statistics.interval([found], result["cell"], metric)
@@ -90,7 +96,8 @@ def read_results(results_dir: Path, results: list[dict] | None = None) -> pd.Dat
                          "n": result["n"], "subset_hash": result["subset_hash"],
                          "seed": result.get("seed"), "cell": result["cell"], "created": result.get("created"),
                          "code_revision": result.get("code_revision"),
-                         "plugin_versions": " ".join(plugin_versions(result.get("config", {})))})
+                         "plugin_versions": " ".join(plugin_versions(result.get("config", {}))),
+                         "arch": model.get("arch"), "base": model.get("entry"), "weights": model.get("source")})
     return pd.DataFrame(rows, columns=LONG_COLUMNS)
 
 
@@ -323,19 +330,20 @@ def _flag_rows(table: pd.DataFrame, flagged: dict[str, str]) -> pd.DataFrame:
 
 # -- several folders, provenance ------------------------------------------------------------
 RUN_RECORD = "run.json"
-MODEL_CARD = "submission.json"
+SUBMISSION = "submission.json"
 
 
-def settings(results: list[dict]) -> dict[str, set]:
-    """What must agree for two folders' cells to share a table: the model, the seed, each
-    dataset's evaluation subset, the precision and the library versions."""
+def protocol(results: list[dict]) -> dict[str, set]:
+    """What must agree for two folders' cells to share a table: the seed, each dataset's
+    evaluation subset, what each attack label does, and the precision. Models and weights
+    may differ (each row shows its own), and so may code and library versions (the tables
+    mark ‡ what code differs; the provenance lists the versions)."""
     found: dict[str, set] = {}
     for r in results:
-        config, versions = r.get("config", {}), r.get("versions", {})
-        entries = {"model": f"{config.get('model')} ({config.get('pretrained')}, weights {config.get('base')})",
-                   "seed": str(r.get("seed")), f"{r['dataset']} subset": f"{r.get('subset_hash')} (n={r.get('n')})",
+        attack = without_versions(r.get("config", {}).get("attack", {}))
+        entries = {"seed": str(r.get("seed")), f"{r['dataset']} subset": f"{r.get('subset_hash')} (n={r.get('n')})",
                    "precision": str(r.get("precision")),
-                   "versions": ", ".join(f"{k} {versions.get(k)}" for k in ("vlbench", "torch", "open_clip"))}
+                   f"attack {r['attack']}": json.dumps(attack, sort_keys=True, default=str)}
         for key, value in entries.items():
             found.setdefault(key, set()).add(value)
     return found
@@ -343,18 +351,51 @@ def settings(results: list[dict]) -> dict[str, set]:
 
 def check_mergeable(folders: dict[Path, list[dict]]) -> None:
     """Refuse (a :class:`UserError` naming every difference) to put folders whose cells differ
-    in :func:`settings` into one table."""
-    per_folder = {folder: settings(results) for folder, results in folders.items()}
+    in :func:`protocol` into one table."""
+    per_folder = {folder: protocol(results) for folder, results in folders.items()}
     differences = []
     keys = list(dict.fromkeys(k for found in per_folder.values() for k in found))
     for key in keys:
         holding = {folder: found[key] for folder, found in per_folder.items() if key in found}
         if len(holding) > 1 and len({frozenset(v) for v in holding.values()}) > 1:
-            differences.append(f"{key}: " + " vs ".join(f"{'/'.join(sorted(v))} in {folder}"
+            differences.append(f"{key}: " + " vs ".join(f"{'/'.join(sorted(_short(x) for x in v))} in {folder}"
                                                          for folder, v in holding.items()))
     if differences:
-        raise UserError("cannot merge results computed in different settings — " + "; ".join(differences),
-                        "rerun one folder with the other's protocol (config, --limit, --seed, model) and versions")
+        raise UserError("cannot merge results evaluated under different protocols — " + "; ".join(differences),
+                        "rerun one folder with the other's protocol (datasets, --limit, --seed, attack settings, "
+                        "precision); different models are fine")
+
+
+def _short(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def row_key(result: dict) -> tuple:
+    """What a row's model is: its base entry, the fingerprint its cell key names, and the
+    base weights as loaded."""
+    model = base_model(result)
+    return model.get("entry"), model.get("weights"), base_fingerprint(result)
+
+
+def distinguish_rows(results: list[dict]) -> list[dict]:
+    """The results, each row label that names models of different base weights (folders
+    merged, or one base rebuilt with other bits) split into ``label [base]``, so rows on
+    different weights are never shown as one."""
+    keys: dict[str, set] = {}
+    for r in results:
+        keys.setdefault(r["defense"], set()).add(row_key(r))
+    split = {label for label, found in keys.items() if len(found) > 1}
+    if not split:
+        return results
+    out = []
+    for r in results:
+        if r["defense"] in split:
+            entry, weights, loaded = row_key(r)
+            alike = sum(1 for k in keys[r["defense"]] if k[0] == entry)  # rows of this label on this entry
+            tag = str(entry) if alike == 1 else f"{entry} weights {str(loaded or weights)[:12]}"
+            r = {**r, "defense": f"{r['defense']} [{tag}]"}
+        out.append(r)
+    return out
 
 
 def read_json(path: Path) -> dict:
@@ -382,13 +423,13 @@ def provenance(folders: list[Path], results: list[dict]) -> dict[str, Any]:
     return {"folders": [str(f) for f in folders], "cells": len(results), "code revisions": revisions,
             "versions": {k: sorted(v) for k, v in sorted(versions.items())},
             "seeds": sorted({str(r.get("seed")) for r in results}),
-            "models": sorted({_model(r.get("config", {})) for r in results}),
+            "models": sorted({_model(r) for r in results}),
             "subsets": {d: sorted(v) for d, v in subsets.items()}, "commands": list(dict.fromkeys(commands))}
 
 
-def _model(config: dict) -> str:
-    pretrained = config.get("pretrained")
-    return f"{config.get('model')}" + (f" ({pretrained})" if pretrained else "")
+def _model(result: dict) -> str:
+    model = base_model(result)
+    return f"{model.get('entry') or model.get('arch')}: {model.get('arch')}, {model.get('source')}"
 
 
 def record_command(out: str | Path, argv: list[str]) -> None:
@@ -424,6 +465,16 @@ class DefenseInfo:
     training_seconds: float | None
     flags: list[str]
     comparisons: list
+    #: the row's base model: architecture, model card entry, where its weights came from,
+    #: the fingerprint of the weights as loaded
+    arch: str = ""
+    base: str = ""
+    weights_from: str = ""
+    base_fingerprint: str = ""
+
+    def model_line(self) -> str:
+        """The row's model in a few words: ``ViT-B-32 · openai-vit-b-32``."""
+        return " · ".join(part for part in (self.arch, self.base) if part)
 
 
 def _registered(name: str):
@@ -436,7 +487,27 @@ def _registered(name: str):
         return None
 
 
-def defense_infos(results: list[dict], cards: dict[str, dict], by_cell: dict[str, dict],
+def _release_claims(model: dict) -> list:
+    """The claimed numbers of a row's base model entry in the model card (none for an entry
+    the card does not have, e.g. a config's own)."""
+    from vlbench.models.card import card
+
+    try:
+        spec = card().get(model.get("entry") or "")
+    except UserError:
+        return []
+    return parse_claims(spec.claimed, f"model {spec.name!r}") if spec is not None else []
+
+
+def _weights_from(model: dict) -> str:
+    """Where a row's weights came from, through its bases: ``URL (visual) on hf-hub:...``."""
+    text = str(model.get("source"))
+    if model.get("towers") not in (None, "full") and isinstance(model.get("base"), dict):
+        text += f" ({model['towers']} tower) on {model['base'].get('entry')}: {_weights_from(model['base'])}"
+    return text
+
+
+def defense_infos(results: list[dict], submissions: dict[str, dict], by_cell: dict[str, dict],
                   audit_flags: dict[str, str]) -> list[DefenseInfo]:
     infos = []
     rows_of: dict[str, list[dict]] = {}
@@ -448,11 +519,16 @@ def defense_infos(results: list[dict], cards: dict[str, dict], by_cell: dict[str
         config = mine[0].get("config", {}).get("defense", {})
         name = config.get("name", label)
         cls = _registered(name)
-        card = cards.get(name, {})
+        record = submissions.get(name, {})
         params = config.get("params", {})
-        claims = claimed.parse(card["claimed"], f"model card of {name}") if "claimed" in card else []
+        claims = parse_claims(record["claimed"], f"submission record of {name}") if "claimed" in record else []
         if cls is not None:
-            claims += claimed.parse(list(getattr(cls, "claimed", ())), f"defense {name}")
+            claims += parse_claims(list(getattr(cls, "claimed", ())), f"defense {name}")
+        model = base_model(mine[0])
+        as_released = any(base_fingerprint(r) is not None and r.get("model", {}).get("fingerprint") == base_fingerprint(r)
+                          for r in mine)
+        if as_released:  # the row evaluates its base model as it is: the release's own claims apply
+            claims += _release_claims(model)
         comparisons = claimed.compare(claims, mine, lambda rows: Number.of(rows, by_cell))
         trained = [r.get("model", {}) for r in mine if r.get("model", {}).get("trained")]
         fits = [m["fit"]["seconds"] for m in trained if isinstance(m.get("fit"), dict) and "seconds" in m["fit"]]
@@ -464,11 +540,13 @@ def defense_infos(results: list[dict], cards: dict[str, dict], by_cell: dict[str
         if any(c.status == claimed.BELOW for c in comparisons):
             flags.append("⚑ " + claimed.BELOW)
         infos.append(DefenseInfo(label, name, str(config.get("version", "")),
-                                 card.get("paper") or getattr(cls, "paper", "") or "not declared",
-                                 card.get("description") or getattr(cls, "description", ""),
+                                 record.get("paper") or getattr(cls, "paper", "") or "not declared",
+                                 record.get("description") or getattr(cls, "description", ""),
                                  {k: v for k, v in params.items() if k not in ("train_datasets", "split")},
                                  training_data, checkpoint or ("not trained" if not trained else "not recorded"),
-                                 fits[0] if fits else None, flags, comparisons))
+                                 fits[0] if fits else None, flags, comparisons, str(model.get("arch") or ""),
+                                 str(model.get("entry") or ""), _weights_from(model),
+                                 str(base_fingerprint(mine[0]) or model.get("weights") or "")))
     return infos
 
 
@@ -487,6 +565,20 @@ class Board:
     defenses: list[DefenseInfo]
     provenance: dict[str, Any]
     row_flags: dict[str, str]
+
+    def models_table(self) -> pd.DataFrame:
+        """Each row's model: architecture, base model entry, where its weights came from."""
+        return pd.DataFrame([{"row": i.label, "defense": i.name, "architecture": i.arch, "base model": i.base or "–",
+                              "weights from": i.weights_from, "base fingerprint": _fingerprint(i.base_fingerprint)}
+                             for i in self.defenses]).set_index("row")
+
+    def row_models(self) -> dict[str, str]:
+        return {info.label: info.model_line() for info in self.defenses}
+
+
+def _fingerprint(text: str) -> str:
+    """A hash shortened to 16 digits; a key with words in it (a build's) in full."""
+    return text[:16] if all(c in "0123456789abcdef" for c in text) else text
 
 
 def attack_families(results: list[dict]) -> dict[str, list[str]]:
@@ -513,12 +605,12 @@ def build_board(folders: list[Path], results: list[dict]) -> Board:
     notes += mixed_notes
     reports = [checks.read_report(folder) for folder in folders]
     audit_flags = {d: f for folder in folders for d, f in checks.row_flags(folder).items()}
-    cards = {}
+    submissions = {}
     for folder in folders:
-        card = read_json(folder / MODEL_CARD)
-        if card.get("name"):
-            cards[str(card["name"])] = card
-    infos = defense_infos(results, cards, by_cell, audit_flags)
+        record = read_json(folder / SUBMISSION)
+        if record.get("name"):
+            submissions[str(record["name"])] = record
+    infos = defense_infos(results, submissions, by_cell, audit_flags)
     row_flags = {info.label: " ".join(info.flags) for info in infos if info.flags}
     if audit_flags:
         notes.append("⚑ failed gradient-masking checks (Carlini et al. 2019 §5; `vlbench audit`, evidence in "
@@ -588,7 +680,9 @@ def markdown(board: Board, drawn: list) -> tuple[str, str, str]:
     full_md = f"\n**{full_caption}**\n\n{render(table, ('**', '**')).to_markdown()}\n"
     figures_md = "".join(f"\n![{f.caption}]({FIGURES}/{f.name}.png)\n" for f in drawn)
     footer = "".join(f"\n{note}\n" for note in board.notes)
-    return board.title + "\n" + summary_md + full_md + figures_md + footer, summary_md, full_md + footer
+    models_md = f"\n**Models**: each row's architecture, base model and weights\n\n{board.models_table().to_markdown()}\n"
+    return (board.title + "\n" + summary_md + models_md + full_md + figures_md + footer, summary_md,
+            full_md + footer)
 
 
 def write_leaderboard(results_dirs: str | Path | list, print_markdown: bool = False,
@@ -609,7 +703,7 @@ def write_leaderboard(results_dirs: str | Path | list, print_markdown: bool = Fa
             raise UserError(f"no result files under {folder}", "run `vlbench run matrix` first")
     if len(folders) > 1:
         check_mergeable(by_folder)
-    results = list({r["cell"]: r for rs in by_folder.values() for r in rs}.values())
+    results = distinguish_rows(list({r["cell"]: r for rs in by_folder.values() for r in rs}.values()))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "leaderboard.csv", read_results(out, results).to_csv(index=False))
     board = build_board(folders, results)
@@ -621,6 +715,9 @@ def write_leaderboard(results_dirs: str | Path | list, print_markdown: bool = Fa
         # The per-dataset table is too wide for a terminal when there are summaries.
         shown = summary_md if board.summaries else rest_md
         footer = "".join(f"\n{note}\n" for note in board.notes)
+        models = board.models_table()
+        if models["base model"].nunique() > 1:  # rows on several models: say which is which
+            shown = f"\n**Models**\n\n{models.to_markdown()}\n" + shown
         print(board.title + "\n" + shown + (footer if board.summaries else "")
               + f"\nEvery dataset, figures and the HTML page: {out / 'leaderboard.md'}, {out / 'leaderboard.html'}")
     return out / "leaderboard.md"

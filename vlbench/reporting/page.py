@@ -56,6 +56,7 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margi
 dt { color: var(--muted); } dd { margin: 0; overflow-wrap: anywhere; }
 code { font-size: 12px; background: #f1f3f6; padding: 1px 4px; border-radius: 3px; overflow-wrap: anywhere; }
 ul.notes li { margin: 4px 0; }
+.model { color: var(--muted); font-size: 11px; }
 """
 
 # Sorting: a click on a header orders the body rows by that column's data-v (numbers
@@ -97,11 +98,12 @@ def anchor(label: str) -> str:
     return "defense-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in label)
 
 
-def _defense_cell(label: str, flags: dict[str, str], base_labels: dict[str, str]) -> str:
-    base = base_labels.get(label, label)
-    flag = flags.get(base, "")
+def _defense_cell(label: str, flags: dict[str, str], plain_labels: dict[str, str], models: dict[str, str]) -> str:
+    row = plain_labels.get(label, label)
+    flag = flags.get(row, "")
     badges = "".join(f'<span class="flag">{esc(part.strip())}</span>' for part in flag.split("⚑") if part.strip())
-    return (f'<td class="label" data-v="{esc(base)}"><a href="#{esc(anchor(base))}">{esc(base)}</a>{badges}</td>')
+    model = f'<br><span class="model">{esc(models[row])}</span>' if models.get(row) else ""
+    return (f'<td class="label" data-v="{esc(row)}"><a href="#{esc(anchor(row))}">{esc(row)}</a>{badges}{model}</td>')
 
 
 def robust_score(row: pd.Series) -> float:
@@ -114,7 +116,8 @@ def table_html(numbers: pd.DataFrame, board, ranked: bool = False) -> str:
     """A sortable table of :class:`~vlbench.reporting.leaderboard.Number` lists: leaders in
     bold, the best of each column highlighted, each defense linked to its section; ``ranked``
     orders the rows by :func:`robust_score` and numbers them."""
-    base_labels = {f"{label} {flag}": label for label, flag in board.row_flags.items()}
+    plain_labels = {f"{label} {flag}": label for label, flag in board.row_flags.items()}
+    models = board.row_models()
     if ranked:
         order = sorted(range(len(numbers)), key=lambda i: -robust_score(numbers.iloc[i]))
         numbers = numbers.iloc[order]
@@ -131,7 +134,7 @@ def table_html(numbers: pd.DataFrame, board, ranked: bool = False) -> str:
     rows = []
     for row, label in enumerate(numbers.index):
         cells = [f'<td class="label" data-v="{row + 1}">{row + 1}</td>'] if ranked else []
-        cells.append(_defense_cell(str(label), board.row_flags, base_labels))
+        cells.append(_defense_cell(str(label), board.row_flags, plain_labels, models))
         for column in columns:
             cell = numbers[column].iloc[row]
             if not isinstance(cell, list):
@@ -157,6 +160,10 @@ def _defense_section(info) -> str:
              "<dl>",
              f"<dt>plugin</dt><dd><code>{esc(info.name)}</code> version {esc(info.version or '?')}</dd>",
              f"<dt>paper</dt><dd>{esc(info.paper)}</dd>",
+             f"<dt>architecture</dt><dd>{esc(info.arch or 'not recorded')}</dd>",
+             f"<dt>base model</dt><dd>{esc(info.base or 'not recorded')}"
+             + (f" (<code>{esc(info.base_fingerprint[:16])}</code>)" if info.base_fingerprint else "") + "</dd>",
+             f"<dt>weights from</dt><dd>{esc(info.weights_from)}</dd>",
              f"<dt>parameters</dt><dd><code>{esc(params)}</code></dd>",
              f"<dt>training data</dt><dd>{esc(info.training_data)}</dd>",
              f"<dt>checkpoint key</dt><dd><code>{esc(info.checkpoint)}</code></dd>",

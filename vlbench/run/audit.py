@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlbench.data.datasets import read_yaml
+from vlbench.schema import read_yaml
 from vlbench.errors import UserError
 from vlbench.reporting import checks as checking
 from vlbench.reporting.leaderboard import load_results

@@ -1,10 +1,10 @@
 """The matrix runner: plan defense × attack × dataset cells, run the missing ones, one result
 file per cell.
 
-A cell's identity is a hash of its resolved configuration (model, defense and attack with
-all parameters and versions, dataset, split, subset size, seed, batch size, precision, the
-world CLIP's checkpoint) with the result schema and, for a trained defense, the training
-code's version (:mod:`vlbench.store.artifacts`); its result is
+A cell's identity is a hash of its resolved configuration (its row's base model, by the
+fingerprint of its weights; defense and attack with all parameters and versions, dataset,
+split, subset size, seed, batch size, precision) with the result schema and, for a trained
+defense, the training code's version (:mod:`vlbench.store.artifacts`); its result is
 written atomically to ``<out>/cells/<defense>__<attack>__<dataset>__<hash>.json`` the moment
 it finishes and never rewritten, so a rerun skips finished cells and a killed run loses none.
 All names, parameters and datasets are checked before the first cell runs: bad input fails
@@ -49,13 +49,16 @@ from vlbench.data.loading import EvalLoaders, Loading
 from vlbench.errors import UserError
 from vlbench.evaluation.context import EvalContext
 from vlbench.evaluation.tasks import evaluate, tasks
+from vlbench.models.card import ModelSpec, config_entries
+from vlbench.models.factory import architecture_victim
 from vlbench.models.precision import check_precision
-from vlbench.models.victim import WORLD_MODEL, Victim, is_world_default, load_victim
+from vlbench.models.victim import Victim
 from vlbench.monitor import timing
 from vlbench.monitor.cost import Rates, Work
 from vlbench.monitor.progress import progress as progress_bar
+from vlbench.run.bases import BaseModels, model_identity, pending_builds, row_model
 from vlbench.schema import check_type
-from vlbench.store.artifacts import RESULT_SCHEMA, artifact_path, cell_key
+from vlbench.store.artifacts import RESULT_SCHEMA, artifact_path, cell_key, without_versions
 from vlbench.store.embeddings import EmbeddingCache
 from vlbench.store.claims import Claim, read_claim
 from vlbench.store.files import atomic_save_tensors, atomic_write_json, remove_stale_temporaries, stable_hash
@@ -67,25 +70,36 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PluginSpec:
-    """A defense or attack as the config names it: registered name, label, parameters."""
+    """A defense or attack as the config names it: registered name, label, parameters; a
+    defense row also its ``base`` model entry (default: the config's ``model``)."""
 
     name: str
     label: str
     options: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
 
     @classmethod
     def parse(cls, entry: Any, kind: str) -> "PluginSpec":
         if isinstance(entry, str):
             return cls(entry, entry)
         if isinstance(entry, dict) and "name" in entry:
-            options = {k: v for k, v in entry.items() if k not in ("name", "label")}
-            return cls(str(entry["name"]), str(entry.get("label", entry["name"])), options)
+            return cls._row(str(entry["name"]), entry.get("label"), entry, kind)
         if isinstance(entry, dict) and len(entry) == 1:
             (name, options), = entry.items()
             if options is None or isinstance(options, dict):
-                return cls(str(name), str(name), dict(options or {}))
+                return cls._row(str(name), None, dict(options or {}), kind)
         raise UserError(f"cannot read {kind} entry {entry!r}",
-                        "write a name, {name: {param: value}} or {name: ..., label: ..., param: value}")
+                        "write a name, {name: {param: value}} or {name: ..., label: ..., base: MODEL, param: value}")
+
+    @classmethod
+    def _row(cls, name: str, label: Any, entry: dict, kind: str) -> "PluginSpec":
+        options = {k: v for k, v in entry.items() if k not in ("name", "label", "base")}
+        base = entry.get("base")
+        if base is not None and kind != "defense":
+            raise UserError(f"{kind} {name!r} names a base model", "base: belongs to a defense row")
+        # a row on another model is named by it: the model itself (`none`), or the defense on it
+        label = label or (name if base is None else str(base) if name == "none" else f"{name}-{base}")
+        return cls(name, str(label), options, None if base is None else str(base))
 
     def sweep(self, kind: str) -> list["PluginSpec"]:
         """The entries this one stands for: a list given for a parameter that is not a list
@@ -107,7 +121,7 @@ class PluginSpec:
             chosen = dict(zip(swept, values))
             shown = (_shown(values[0]) if len(chosen) == 1
                      else ",".join(f"{key}={_shown(value)}" for key, value in chosen.items()))
-            entries.append(PluginSpec(self.name, f"{self.label}@{shown}", {**self.options, **chosen}))
+            entries.append(PluginSpec(self.name, f"{self.label}@{shown}", {**self.options, **chosen}, self.base))
         return entries
 
 
@@ -167,8 +181,13 @@ class ExecutorConfig:
 
 @dataclass
 class MatrixConfig:
-    model: str = WORLD_MODEL
+    #: the base model of every defense row without a base: of its own: a model card entry
+    #: (vlbench ls models), or an open_clip architecture given ``pretrained`` weights
+    model: str = "world-clip"
+    #: other weights for ``model``: an open_clip tag, hf-hub:ORG/NAME or a path
     pretrained: str | None = None
+    #: the config's own model card entries (a user's checkpoint beside the released ones)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
     defenses: list[PluginSpec] = field(default_factory=list)
     attacks: list[PluginSpec] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
@@ -202,8 +221,9 @@ class MatrixConfig:
                             f"use only {sorted(known)}")
         hints = typing.get_type_hints(cls)
         values = {key: check_type(value, hints[key], f"config {source} key {key!r}")
-                  for key, value in raw.items() if key not in ("defenses", "attacks", "datasets", "executor")}
+                  for key, value in raw.items() if key not in ("defenses", "attacks", "datasets", "executor", "models")}
         values["executor"] = ExecutorConfig.from_dict(raw.get("executor") or {}, source)
+        values["models"] = config_entries(raw.get("models") or {}, f"config {source}")
         for kind in ("defenses", "attacks"):
             values[kind] = [PluginSpec.parse(e, kind[:-1]) for e in _as_list(raw.get(kind, []), kind)]
         values["datasets"] = [str(d) for d in _as_list(raw.get("datasets", []), "datasets")]
@@ -219,7 +239,8 @@ def _as_list(value: Any, what: str) -> list:
 
 
 def select(specs: list[PluginSpec], names: list[str]) -> list[PluginSpec]:
-    """Override a config's list from the command line: keep configured parameters by label."""
+    """Override a config's list from the command line: keep configured parameters (and base)
+    by label."""
     by_label = {spec.label: spec for spec in specs}
     return [by_label.get(name, PluginSpec(name, name)) for name in names]
 
@@ -228,6 +249,8 @@ def select(specs: list[PluginSpec], names: list[str]) -> list[PluginSpec]:
 class Cell:
     defense: api.Defense
     defense_label: str
+    #: the row's base model entry
+    base: ModelSpec
     attack: api.Attack
     attack_label: str
     dataset: str
@@ -257,26 +280,6 @@ def is_finished(path: Path) -> bool:
         return False
 
 
-def load_base(cfg: MatrixConfig) -> Victim:
-    """The base model every defense starts from; the world CLIP is pretrained if needed."""
-    if is_world_default(cfg.model, cfg.pretrained):
-        from vlbench.world.pretrain import world_victim
-
-        return world_victim(cfg.precision, cfg.device)
-    return load_victim(cfg.model, cfg.pretrained, cfg.device, precision=cfg.precision)
-
-
-def _base_identity(cfg: MatrixConfig) -> str | None:
-    """What names the base model beyond its config: the world CLIP's checkpoint, whose name
-    carries its pretraining config and the training code's version."""
-    if not is_world_default(cfg.model, cfg.pretrained):
-        return None
-    from vlbench.world.pretrain import PretrainConfig
-    from vlbench.world.pretrain import checkpoint_path as world_path
-
-    return world_path(PretrainConfig(precision=cfg.precision)).stem
-
-
 def make_plan(cfg: MatrixConfig) -> Plan:
     """Resolve every name and parameter, check every dataset, and list the cells."""
     if not (cfg.defenses and cfg.attacks and cfg.datasets):
@@ -295,7 +298,8 @@ def make_plan(cfg: MatrixConfig) -> Plan:
         raise UserError(f"--out {cfg.out} is a file, not a folder", "name a folder (new or an earlier run's)")
     check_precision(cfg.precision, cfg.device)
     api.discover()
-    defenses = [(e.label, api.build("defenses", e.name, e.options)) for s in cfg.defenses for e in s.sweep("defenses")]
+    rows = [e for s in cfg.defenses for e in s.sweep("defenses")]
+    defenses = [(e.label, api.build("defenses", e.name, e.options)) for e in rows]
     attacks = [(e.label, api.build("attacks", e.name, e.options)) for s in cfg.attacks for e in s.sweep("attacks")]
     for kind, items in (("defense", defenses), ("attack", attacks)):
         labels = [label for label, _ in items]
@@ -304,10 +308,11 @@ def make_plan(cfg: MatrixConfig) -> Plan:
             raise UserError(f"{kind} label {duplicates[0]!r} is used twice",
                             f"give each {kind} entry its own label: key")
     specs = {name: get_spec(name) for name in cfg.datasets}
-    base = _base_identity(cfg)
+    models = [row_model(cfg, e) for e in rows]
+    identities = {m.name: model_identity(m, cfg) for m in {m.name: m for m in models}.values()}
     cells, skipped = [], []
     out = Path(cfg.out)
-    for d_label, defense in defenses:
+    for (d_label, defense), model in zip(defenses, models):
         for a_label, attack in attacks:
             for name, spec in specs.items():
                 reason = attack.skip_reason(spec.task)
@@ -315,15 +320,15 @@ def make_plan(cfg: MatrixConfig) -> Plan:
                     skipped.append((d_label, a_label, name, reason))
                     continue
                 config = cell_key({
-                    "model": cfg.model, "pretrained": cfg.pretrained,
+                    "model": identities[model.name],
                     "defense": defense.config(), "attack": {**attack.config(), "threat_model": attack.threat_model()},
                     "dataset": name, "split": spec.split, "dataset_options": spec.options,
                     "transform": spec.transform, "limit": cfg.limit, "seed": cfg.seed,
-                    "batch_size": cfg.batch_size, "precision": cfg.precision, "base": base,
+                    "batch_size": cfg.batch_size, "precision": cfg.precision,
                 }, trained=defense.trains)
                 digest = stable_hash(config, 10)
                 cell_id = f"{_safe(d_label)}__{_safe(a_label)}__{_safe(name)}__{digest}"
-                cells.append(Cell(defense, d_label, attack, a_label, name, spec.task, config, cell_id,
+                cells.append(Cell(defense, d_label, model, attack, a_label, name, spec.task, config, cell_id,
                                   out / "cells" / f"{cell_id}.json"))
     return Plan(cells, skipped)
 
@@ -434,23 +439,8 @@ def _trained_model(base: Victim, defense: api.Defense, progress: bool, label: st
 
 
 # -- the plan, as the user sees it before any work starts ---------------------------------
-def _pending_pretraining(cfg: MatrixConfig):
-    """The world pretraining this run will do first, or None."""
-    from vlbench.world.pretrain import PretrainConfig
-    from vlbench.world.pretrain import checkpoint_path as world_path
-
-    if not is_world_default(cfg.model, cfg.pretrained):
-        return None
-    config = PretrainConfig(precision=cfg.precision)
-    return None if world_path(config).is_file() else config
-
-
-def _architecture_victim(cfg: MatrixConfig) -> Victim:
-    """A randomly initialised world CLIP, to time operations before its pretraining."""
-    from vlbench.world.pretrain import build_victim
-
-    torch.manual_seed(0)
-    return build_victim(precision=cfg.precision).to(cfg.device)
+def _bases_of(cells: list[Cell]) -> list[ModelSpec]:
+    return list({c.base.name: c.base for c in cells}.values())
 
 
 def _cell_work(cell: Cell, data: EvalData, indices: list[int]) -> Work | None:
@@ -459,21 +449,18 @@ def _cell_work(cell: Cell, data: EvalData, indices: list[int]) -> Work | None:
 
 
 def describe_plan(cfg: MatrixConfig, plan: Plan, todo: list[Cell], datasets: dict[str, EvalData],
-                  rates: Rates, base: Victim | None) -> list[str]:
+                  rates: Rates, bases: BaseModels) -> list[str]:
     """A few lines: cells to run and done, what is built, trained or reused, and the time
     estimate from ``rates``."""
     from vlbench.monitor.progress import clock
 
     done = len(plan.cells) - len(todo)
+    models = _bases_of(plan.cells)
+    shown = ", ".join(m.name for m in models[:4]) + (f" and {len(models) - 4} more" if len(models) > 4 else "")
     lines = [f"plan: {len(plan.cells)} cells in {cfg.out} ({len(todo)} to run, {done} already done"
              + (f", {len(plan.skipped)} skipped: attack not defined for the task" if plan.skipped else "")
-             + f"); {cfg.model} on {cfg.device}, {cfg.precision}, {torch.get_num_threads()} threads"]
-    builds: dict[str, Work] = {}
-    pretraining = _pending_pretraining(cfg)
-    if pretraining is not None:
-        from vlbench.world.pretrain import pretrain_work
-
-        builds["world CLIP pretraining"] = pretrain_work(pretraining)
+             + f"); {shown} on {cfg.device}, {cfg.precision}, {torch.get_num_threads()} threads"]
+    builds: dict[str, Work] = dict(pending_builds(_bases_of(todo), cfg))
     plugins_used = {id(p): p for c in todo for p in (c.attack, c.defense)}.values()
     for plugin in plugins_used:
         for name, work in plugin.pending():
@@ -482,10 +469,10 @@ def describe_plan(cfg: MatrixConfig, plan: Plan, todo: list[Cell], datasets: dic
     if builds:
         lines.append("  build: " + ", ".join(f"{n} ~{clock(rates.seconds(w))}" for n, w in builds.items()))
     train, reuse = [], []
-    for label, defense in {c.defense_label: c.defense for c in todo}.items():
+    for label, (defense, model) in {c.defense_label: (c.defense, c.base) for c in todo}.items():
         if not defense.trains:
             continue
-        if base is not None and checkpoint_path(base, defense)[0].is_file():
+        if bases.ready(model) and checkpoint_path(bases.get(model), defense)[0].is_file():
             reuse.append(label)
             continue
         work = defense.work()
@@ -512,6 +499,9 @@ def describe_plan(cfg: MatrixConfig, plan: Plan, todo: list[Cell], datasets: dic
     lines.append(f"  estimate: ~{clock(estimate)}{note} (timed on this machine in a {rates.warmup_seconds:.1f} s "
                  f"warm-up: image forward+backward {1000 * rates.image_grads:.2f} ms, text "
                  f"{1000 * rates.text_forwards:.3f} ms per sample)")
+    lines.append(f"  memory: ~{rates.attack_memory(cfg.batch_size) / 2**30:.2f} GB for an attack step at batch "
+                 f"{cfg.batch_size} (weights {rates.weight_bytes / 2**30:.2f} GB, saved activations "
+                 f"{rates.activation_bytes / 2**20:.1f} MB per image; on a GPU add the allocator's slack)")
     return lines
 
 
@@ -525,18 +515,10 @@ def cell_warnings(task: str, metrics: dict[str, float]) -> list[str]:
     return warnings
 
 
-def _without_versions(config):
-    if isinstance(config, dict):
-        return {k: _without_versions(v) for k, v in config.items() if k != "version"}
-    if isinstance(config, list):
-        return [_without_versions(v) for v in config]
-    return config
-
-
 def _cell_seed(seed: int, cell: Cell) -> int:
     # A version bump recomputes a cell with the same random draws, so its numbers move only
     # where the code changed what they mean.
-    attack = _without_versions(cell.config["attack"])
+    attack = without_versions(cell.config["attack"])
     return int(stable_hash({"seed": seed, "dataset": cell.dataset, "attack": attack}, 8), 16)
 
 
@@ -646,13 +628,14 @@ class PreparedRun:
     plan: Plan
     todo: list[Cell]
     datasets: dict[str, EvalData]
-    base: Victim | None
+    bases: BaseModels
     selection: Selection
 
     def pending_builds(self) -> bool:
-        """Whether something must be built before any cell runs (pretraining, a plugin's data)."""
+        """Whether something must be built before any cell runs (a base model's weights, such
+        as the world CLIP's pretraining; a plugin's data)."""
         plugins = {id(p): p for c in self.todo for p in (c.attack, c.defense)}.values()
-        return _pending_pretraining(self.cfg) is not None or any(p.pending() for p in plugins)
+        return bool(pending_builds(_bases_of(self.todo), self.cfg)) or any(p.pending() for p in plugins)
 
 
 def prepare_run(cfg: MatrixConfig, selection: Selection | None = None,
@@ -666,29 +649,32 @@ def prepare_run(cfg: MatrixConfig, selection: Selection | None = None,
     todo = selection.apply(plan, plan.todo())
     # Check every dataset loads before spending compute (a missing one is bad input).
     datasets: dict[str, EvalData] = {name: load_dataset(name) for name in {c.dataset for c in todo}}
-    base = None
-    if todo and _pending_pretraining(cfg) is None:
-        base = load_base(cfg)
-        base.requires_grad_(False)
-    for defense in {id(c.defense): c.defense for c in todo}.values():
+    bases = BaseModels(cfg)
+    for defense, model in {id(c.defense): (c.defense, c.base) for c in todo}.values():
         # only the defenses this run will train: a cached checkpoint needs no training data
-        if defense.trains and (base is None or not checkpoint_path(base, defense)[0].is_file()):
+        if defense.trains and not (bases.ready(model) and checkpoint_path(bases.get(model), defense)[0].is_file()):
             defense.check_training_data()
     if report is not None:
         if todo:
-            rates = Rates.measure(base if base is not None else _architecture_victim(cfg),
-                                  min(cfg.batch_size, 64))
-            for line in describe_plan(cfg, plan, todo, datasets, rates, base):
+            first = todo[0].base
+            if bases.ready(first):
+                timed = bases.get(first)
+            else:  # its weights are built first: time the architecture
+                torch.manual_seed(0)
+                timed = architecture_victim(first, cfg.precision, cfg.models).to(cfg.device)
+            rates = Rates.measure(timed, min(cfg.batch_size, 64))
+            for line in describe_plan(cfg, plan, todo, datasets, rates, bases):
                 report(line)
         else:
             report(f"plan: all {len(plan.cells)} cells of {cfg.out} are done"
                    + ("" if selection.retry_failed else _failed_note(plan)))
-    return PreparedRun(cfg, plan, todo, datasets, base, selection)
+    return PreparedRun(cfg, plan, todo, datasets, bases, selection)
 
 
-def build_prerequisites(run: PreparedRun) -> Victim:
-    """Build what every cell needs first (the plugins' data, the base model), clean up after
-    writers that died, and record the plan for ``vlbench status``; returns the base model."""
+def build_prerequisites(run: PreparedRun) -> BaseModels:
+    """Build what every cell needs first (the plugins' data, the base models' weights), clean
+    up after writers that died, and record the plan for ``vlbench status``; returns the base
+    models."""
     cfg = run.cfg
     for plugin in {id(p): p for c in run.todo for p in (c.attack, c.defense)}.values():
         plugin.prepare()
@@ -696,12 +682,12 @@ def build_prerequisites(run: PreparedRun) -> Victim:
     for folder in (out / "cells", out / "failed", claims_folder(cfg)):
         if folder.is_dir():
             remove_stale_temporaries(folder)  # left by a run killed mid-write
-    if run.base is None:
-        run.base = load_base(cfg)
-        run.base.requires_grad_(False)
-    write_manifest(cfg, run.plan, {c.defense_label: str(checkpoint_path(run.base, c.defense)[0])
-                                   for c in run.plan.cells if c.defense.trains})
-    return run.base
+    trained = {c.defense_label: c for c in run.plan.cells if c.defense.trains}
+    for model in _bases_of(run.todo):
+        run.bases.get(model)  # builds what a base needs (the world CLIP's pretraining) once, here
+    write_manifest(cfg, run.plan, {label: str(checkpoint_path(run.bases.get(c.base), c.defense)[0])
+                                   for label, c in trained.items() if run.bases.ready(c.base)})
+    return run.bases
 
 
 def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache | None = None,
@@ -770,7 +756,7 @@ class _CellRunner:
     """Runs a defense's cells under claims, with one model loaded at a time."""
 
     def __init__(self, run: PreparedRun, cache: EmbeddingCache, progress: bool, log_path: str, started: float):
-        self.cfg, self.base, self.cache, self.datasets = run.cfg, run.base, cache, run.datasets
+        self.cfg, self.bases, self.cache, self.datasets = run.cfg, run.bases, cache, run.datasets
         self.progress, self.log_path, self.started = progress, log_path, started
         self.revision, self.versions = code_revision(), library_versions()
         self.loading = Loading.for_device(run.cfg.data_workers, run.cfg.device)
@@ -800,7 +786,8 @@ class _CellRunner:
             return False
         model_started = time.perf_counter()
         try:
-            obtained = obtain_model(self.base, defense, self.progress, label, wait=False, log_path=self.log_path,
+            base = self.bases.get(cells[0].base)
+            obtained = obtain_model(base, defense, self.progress, label, wait=False, log_path=self.log_path,
                                     loading=self.loading)
         except Exception as exc:  # noqa: BLE001 - recorded per cell, the other defenses go on
             for cell in cells:
@@ -867,6 +854,7 @@ class _CellRunner:
             "seed": cfg.seed, "precision": cfg.precision, "versions": self.versions,
             "code_revision": self.revision,
             "model": {"fingerprint": victim.fingerprint(), **model_info},
+            "base": {"entry": cell.base.name, "fingerprint": victim.undefended.fingerprint()},
             "timings": {"evaluate_s": round(seconds, 3), "model_s": round(model_seconds, 3)},
             "warnings": cell_warnings(cell.task, metrics) + cell.attack.take_notes(),
             "adjustments": halved + cell.attack.take_adjustments(), "batch_size": ctx.batch_size,

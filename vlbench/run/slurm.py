@@ -98,8 +98,8 @@ class TrainJob(_Job):
             return "nothing to train"
         cell = run.todo[0]
         try:
-            base = build_prerequisites(run)
-            obtain_model(base, cell.defense, False, cell.defense_label, wait=True, log_path=log_path,
+            bases = build_prerequisites(run)
+            obtain_model(bases.get(cell.base), cell.defense, False, cell.defense_label, wait=True, log_path=log_path,
                          loading=Loading.for_device(self.cfg.data_workers, self.cfg.device))
         except Exception as exc:
             for other in run.todo:
@@ -172,7 +172,7 @@ def run_on_slurm(cfg: MatrixConfig, report: Callable[[str], None], selection: Se
         return executor.submit(job_class(*args), *call_args)
 
     jobs: dict[str, Any] = {}
-    prepare = submit(PrepareJob, "prepare", []) if run.pending_builds() or run.base is None else None
+    prepare = submit(PrepareJob, "prepare", []) if run.pending_builds() else None
     if prepare is not None:
         jobs["prepare"] = prepare
     first = [prepare.job_id] if prepare is not None else []
@@ -228,16 +228,16 @@ def _trainings(run: PreparedRun) -> dict[str, list[str]]:
     from vlbench.store.files import stable_hash
 
     keys: dict[str, list[str]] = {}
-    for label, defense in {c.defense_label: c.defense for c in run.todo}.items():
+    for label, (defense, model) in {c.defense_label: (c.defense, c.base) for c in run.todo}.items():
         if not defense.trains:
             continue
-        if run.base is not None:
-            path = checkpoint_path(run.base, defense)[0]
+        if run.bases.ready(model):
+            path = checkpoint_path(run.bases.get(model), defense)[0]
             if path.is_file():
                 continue
             key = str(path)
-        else:  # the base is built by the prepare job; it is the same for every defense
-            key = stable_hash({"defense": defense.config(), "data": defense.training_data()})
+        else:  # the base is built by the prepare job
+            key = stable_hash({"defense": defense.config(), "data": defense.training_data(), "base": model.name})
         keys.setdefault(key, []).append(label)
     return keys
 

@@ -1,5 +1,5 @@
 """Submitting a defense or an attack: the protocol's matrix with the plugin added, and the
-submission folder a leaderboard merges (the cells, a model card, the rendered page).
+submission folder a leaderboard merges (the cells, a submission record, the rendered page).
 
 ``vlbench submit PLUGIN.py|NAME`` first runs ``vlbench validate`` on it, so no compute is
 spent on a plugin that breaks its contract. A defense is added to the protocol's defenses,
@@ -19,7 +19,7 @@ from typing import Any
 
 from vlbench import api
 from vlbench.errors import UserError
-from vlbench.reporting.leaderboard import MODEL_CARD
+from vlbench.reporting.leaderboard import SUBMISSION
 from vlbench.run.matrix import MatrixConfig, PluginSpec, code_revision
 
 
@@ -49,8 +49,8 @@ def add_plugin(cfg: MatrixConfig, kind: str, name: str, options: dict[str, Any],
     return spec
 
 
-def model_card(kind: str, spec: PluginSpec, protocol: str, command: str, checks: list) -> dict[str, Any]:
-    """The submission's model card: what it is, its paper, version, parameters and claimed
+def submission_record(kind: str, spec: PluginSpec, protocol: str, command: str, checks: list) -> dict[str, Any]:
+    """The submission record (``submission.json``): what it is, its paper, version, parameters and claimed
     numbers, the code revision and protocol it ran under, and its validation."""
     cls = api.registry_for(kind).get(spec.name)
     built = cls.from_config(spec.name, spec.options)
@@ -61,9 +61,9 @@ def model_card(kind: str, spec: PluginSpec, protocol: str, command: str, checks:
             "validate": [check.line() for check in checks]}
 
 
-def write_model_card(out: str | Path, card: dict[str, Any]) -> Path:
+def write_submission(out: str | Path, record: dict[str, Any]) -> Path:
     from vlbench.store.files import atomic_write_json
 
-    path = Path(out) / MODEL_CARD
-    atomic_write_json(path, card)
+    path = Path(out) / SUBMISSION
+    atomic_write_json(path, record)
     return path

@@ -356,6 +356,22 @@ def defense_checks(name: str, world: World, options: dict) -> Iterator[Check]:
 
 
 # -- all of it --------------------------------------------------------------------------------
+def world_model(model: str | None = None, pretrained: str | None = None,
+                extra: dict | None = None) -> Callable[[], object]:
+    """A loader of the world model plugins are validated on: ``model`` (with ``pretrained``
+    weights) when it is a world CLIP, else the card's world CLIP; loaded as any entry is."""
+    def load():
+        from vlbench.models.factory import create_victim, named_model
+        from vlbench.models.victim import WORLD_MODEL
+        from vlbench.world.pretrain import WORLD_ENTRY
+
+        spec = named_model(model, pretrained, extra) if model is not None else None
+        if spec is None or spec.arch != WORLD_MODEL:
+            spec = named_model(WORLD_ENTRY, pretrained if model is None else None)
+        return create_victim(spec, progress=False)
+    return load
+
+
 def validate(target: str, victim_loader: Callable[[], object], options: dict | None = None) -> list[Check]:
     """Every check of the plugins ``target`` names; ``victim_loader`` gives the world victim
     (loaded only if a static check passed). ``options`` set parameters for the runs on the

@@ -45,3 +45,13 @@ def artifact_path(kind: str, key: dict[str, Any], *, trained: bool = False, pref
     """Where the artifact of ``kind`` named by ``key`` lives in the cache, and its full key."""
     full = artifact_key(key, trained)
     return cache_dir() / kind / f"{prefix}{stable_hash(full, digits)}{suffix}", full
+
+
+def without_versions(config: Any) -> Any:
+    """A plugin config without its ``version`` fields (nested components' too): what the
+    plugin is asked to do, apart from which code does it."""
+    if isinstance(config, dict):
+        return {k: without_versions(v) for k, v in config.items() if k != "version"}
+    if isinstance(config, list):
+        return [without_versions(v) for v in config]
+    return config

@@ -27,3 +27,8 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "vlbench"
+
+
+def card_file(name: str, variable: str) -> Path:
+    """A card (``datasets.yaml``, ``models.yaml``): the file ``$variable`` names, else the built-in one."""
+    return Path(os.environ.get(variable) or builtin_root() / name)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vlbench.models.precision import fused_optimizer_kwargs
-from vlbench.models.victim import WORLD_MODEL, Victim, load_victim, register_model_configs, world_model_config
+from vlbench.models.victim import WORLD_MODEL, Victim, register_model_configs, world_model_config
 from vlbench.monitor.timing import phase
 from vlbench.store.artifacts import artifact_path
 from vlbench.store.files import atomic_save_tensors, atomic_write_json, build_once
@@ -400,7 +400,34 @@ def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
     return build_once(path.with_suffix(".lock"), cached, build, "pretraining the world CLIP")
 
 
+class WorldWeights:
+    """The world CLIP's weights as a model card build (``weights: {build:
+    vlbench.world.pretrain:world_weights}`` in ``models.yaml``): pretrained with the default
+    :class:`PretrainConfig` at the run's precision on first use, then read from the cache."""
+
+    what = "world CLIP pretraining"
+
+    def key(self, precision: str) -> str:
+        return checkpoint_path(PretrainConfig(precision=precision)).stem
+
+    def path(self, precision: str) -> Path:
+        return checkpoint_path(PretrainConfig(precision=precision))
+
+    def work(self, precision: str):
+        return pretrain_work(PretrainConfig(precision=precision))
+
+    def build(self, precision: str, progress: bool) -> Path:
+        return world_checkpoint(PretrainConfig(precision=precision), progress=progress)
+
+
+world_weights = WorldWeights()
+#: the world CLIP's entry in the model card
+WORLD_ENTRY = "world-clip"
+
+
 def world_victim(precision: str = "fp32", device: str = "cpu", progress: bool = True) -> Victim:
-    """The pretrained world CLIP (pretrained first if the cache has none)."""
-    path = world_checkpoint(PretrainConfig(precision=precision), progress=progress)
-    return load_victim(WORLD_MODEL, str(path), device, precision=precision)
+    """The pretrained world CLIP (pretrained first if the cache has none), through the model card."""
+    from vlbench.models.card import get_model
+    from vlbench.models.factory import create_victim
+
+    return create_victim(get_model(WORLD_ENTRY), device, precision, progress=progress)
