@@ -3,8 +3,11 @@
 :func:`load_masked_lm` loads a BERT-style masked LM through transformers from a local folder
 or the Hugging Face cache (``bert-base-uncased`` by default, as in the Co-Attack, SGA and
 MMCoA code), never from the network, or — with the name ``world`` — a small BERT trained on
-the synthetic world's captions, which vlbench trains once (``vlbench prepare attack bert-attack``) and caches
-like the world CLIP, so substitutions on the world are meaningful offline.
+the synthetic world's captions, so substitutions on the world are meaningful offline. The
+world's is shipped with the package beside the world CLIP (``vlbench/world/released/``,
+checked against the sha256 of its files): trained on another CPU it would propose other
+substitutes, and every user's BERT-Attack cells would differ. :func:`world_mlm` trains it
+(``vlbench world pretrain --release`` ships the result).
 
 :class:`MaskedLM` exposes what BERT-Attack needs: words → sub-token spans, the top-k
 predictions and logits at every position of one unmasked forward pass, and the perplexity
@@ -30,6 +33,10 @@ from vlbench.store.artifacts import artifact_path
 from vlbench.store.files import atomic_write_json, build_once
 
 WORLD_MLM = "world"
+#: the weights file of a saved masked LM (transformers' safetensors name)
+MLM_WEIGHTS = "model.safetensors"
+#: the release's record: training config, command, machine, and every file's sha256
+MLM_RECORD = "vlbench.json"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -99,8 +106,36 @@ def load_masked_lm(name_or_path: str = "bert-base-uncased") -> MaskedLM:
     """The masked LM of a folder or cache entry, loaded once per process and shared by every
     attack that names it (with its memo)."""
     if name_or_path == WORLD_MLM:
-        return _shared(str(world_mlm()), WORLD_MLM)
+        return _shared(str(released_world_mlm()), WORLD_MLM)
     return _shared(str(name_or_path), name_or_path)
+
+
+def release_manifest(folder: Path) -> dict[str, str]:
+    """The sha256 of every file of a saved masked LM folder (its record aside)."""
+    import hashlib
+
+    return {item.name: hashlib.sha256(item.read_bytes()).hexdigest()
+            for item in sorted(Path(folder).iterdir()) if item.is_file() and item.name != MLM_RECORD}
+
+
+def released_world_mlm() -> Path:
+    """The world MLM shipped with the package, its files checked against their recorded sha256."""
+    import json
+
+    from vlbench.store.paths import package_file
+    from vlbench.world.pretrain import RELEASED_MLM
+
+    folder = package_file(RELEASED_MLM)
+    fix = "reinstall vlbench (pip install -e .), or release it again with `vlbench world pretrain --release`"
+    try:
+        recorded = json.loads((folder / MLM_RECORD).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"the world MLM's record {folder / MLM_RECORD} is missing or unreadable", fix) from None
+    found = release_manifest(folder)
+    if found != recorded:
+        differing = sorted(set(found) ^ set(recorded) | {k for k in found if recorded.get(k) != found[k]})
+        raise UserError(f"the world MLM in {folder} differs from its record ({', '.join(differing)})", fix)
+    return folder
 
 
 _loaded: dict[tuple[str, str], MaskedLM] = {}
@@ -220,23 +255,10 @@ def _world_mlm_folder(config: WorldMLMConfig) -> Path:
                          digits=16)[0]
 
 
-def world_mlm_cached(config: WorldMLMConfig | None = None) -> bool:
-    return _world_mlm_folder(config or WorldMLMConfig()).is_dir()
-
-
-def world_mlm_work(config: WorldMLMConfig | None = None):
-    """The training's operations for the time estimate: a step of the small BERT on a
-    caption costs about 1.4 text-tower steps of the world CLIP (measured; its vocabulary
-    head and Python-side masking make up the difference)."""
-    from vlbench.monitor.cost import Work
-
-    config = config or WorldMLMConfig()
-    return Work(text_steps=1.4 * config.steps * config.batch_size)
-
-
 def world_mlm(config: WorldMLMConfig | None = None, force: bool = False, progress: bool = True) -> Path:
-    """The folder of the cached world MLM, training it first if needed (atomically; one
-    process trains while others sharing the cache wait for it)."""
+    """The folder of the world MLM trained on this machine (cached), training it first if
+    needed (atomically; one process trains while others sharing the cache wait for it). The
+    attacks read the released one (:func:`released_world_mlm`); this is how it is rebuilt."""
     config = config or WorldMLMConfig()
     folder = _world_mlm_folder(config)
 
@@ -258,7 +280,7 @@ def world_mlm(config: WorldMLMConfig | None = None, force: bool = False, progres
         _quiet_transformers()
         tokenizer.save_pretrained(staging)
         model.save_pretrained(staging, safe_serialization=True)
-        atomic_write_json(staging / "vlbench.json", {"config": asdict(config), "final_loss": loss,
+        atomic_write_json(staging / MLM_RECORD, {"config": asdict(config), "final_loss": loss,
                                                      "seconds": round(time.perf_counter() - started, 1)})
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)

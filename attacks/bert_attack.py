@@ -85,13 +85,6 @@ class BertAttack(ConstrainedTextAttack):
         super().prepare()
         self.mlm  # noqa: B018  (loads, or fails with a one-line error naming what to download)
 
-    def pending(self):
-        from ._mlm import WORLD_MLM, world_mlm_cached, world_mlm_work
-
-        if self.params.mlm == WORLD_MLM and not world_mlm_cached():
-            return [("world MLM training", world_mlm_work())]
-        return []
-
     def work(self, task, images, texts, classes):
         # per text: its masked variants (about 9 visitable words), then up to top_k
         # candidates per round of the search, about two rounds per word of budget (measured

@@ -1,5 +1,6 @@
 """The default matrix from a cold cache, end to end, as the README's main command runs it:
-a rerun that finds every cell done, and the same numbers with another CPU kernel family.
+a rerun that finds every cell done, the same undefended cells with another CPU kernel family
+on the shipped world CLIP, and a rebuild of that CLIP reaching its quality bar.
 
 PyTorch picks its kernels by CPU (``torch.backends.cpu.get_cpu_capability()``; oneDNN its
 own). The tests force the next family down (AVX-512 → AVX2, AVX2 → no vectorisation,
@@ -108,25 +109,52 @@ def test_a_rerun_of_the_default_matrix_finds_every_cell(benchmark, native):
     assert ratio <= 0.02, f"the rerun took {ratio:.3f} of the first run"
 
 
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory):
+    """`vlbench world pretrain` from an empty cache, with this machine's kernels: how the
+    shipped world CLIP is rebuilt."""
+    cache = tmp_path_factory.mktemp("rebuilt") / "cache"
+    vlbench("world", "pretrain", cache=cache)
+    return cache
+
+
 @pytest.mark.slow
-def test_default_pretraining_reaches_its_targets(native):
-    """The world CLIP the README's main command pretrains, with this machine's kernels."""
-    home, _ = native
-    report = pretraining_report(home / "cache")
+def test_a_rebuild_of_the_world_clip_reaches_the_release_bar(rebuilt):
+    """The bar is quality, not identical bits: another machine's pretraining gives other
+    weights, of the same quality."""
+    from vlbench.world.pretrain import below_bar
+
+    report = pretraining_report(rebuilt)
     metrics = report["metrics"]
     assert report["config"]["precision"] == "fp32"
-    assert metrics["zero_shot_mean"] >= 97 and metrics["world-shape"] >= 95, metrics
-    assert metrics["i2t_R@1"] >= 97 and metrics["t2i_R@1"] >= 97, metrics
+    assert below_bar(metrics) == [] and metrics["world-shape"] >= 95, metrics
 
 
 @pytest.mark.heavy
-def test_world_pretraining_reaches_the_same_metrics_with_other_kernels(tmp_path, native):
-    home, _ = native
+def test_world_pretraining_reaches_the_same_metrics_with_other_kernels(tmp_path, rebuilt):
     vlbench("world", "pretrain", cache=tmp_path / "cache", env=forced_family())
-    ours, theirs = pretraining_metrics(home / "cache"), pretraining_metrics(tmp_path / "cache")
+    ours, theirs = pretraining_metrics(rebuilt), pretraining_metrics(tmp_path / "cache")
     worst = max(abs(ours[k] - theirs[k]) for k in ours)
     print(f"\npretraining with {forced_family()}: largest difference {worst:.2f} points")
     assert worst <= 1.0, {k: (ours[k], theirs[k]) for k in ours}
+
+
+@pytest.mark.slow
+def test_the_shipped_world_clip_gives_every_user_the_same_undefended_cells(tmp_path, native):
+    """The undefended row of the default matrix, evaluated with the other kernel family on
+    the shipped weights: every cell within one sample of this machine's (a text attack's
+    search can tip a sample whose candidates tie to the last bit)."""
+    home, _ = native
+    vlbench("run", "matrix", "--defenses", "none", "--out", str(tmp_path / "out"), "--no-progress",
+            cache=tmp_path / "cache", env=forced_family())
+    ours = {k: v for k, v in cells(home / "out").items() if k[0] == "none"}
+    theirs = cells(tmp_path / "out")
+    assert ours.keys() == theirs.keys() and len(ours) >= 38
+    moved = {k: int(abs(ours[k][1].astype(int).sum() - theirs[k][1].astype(int).sum())) for k in ours}
+    identical = sum(bool((ours[k][1] == theirs[k][1]).all()) for k in ours)
+    print(f"\nundefended cells with {forced_family()}: {identical} of {len(ours)} identical sample by sample, "
+          f"largest difference {max(moved.values())} sample(s)")
+    assert max(moved.values()) <= 1, {k: v for k, v in moved.items() if v > 1}
 
 
 @pytest.mark.heavy
@@ -145,6 +173,8 @@ def test_the_matrix_gives_the_same_cells_with_other_kernels(tmp_path, native):
     cache = tmp_path / "cache"
     cache.mkdir()
     for kept in ("world", "checkpoints", "augment"):  # the models; not the embedding cache
+        if not (home / "cache" / kept).exists():
+            continue
         subprocess.run(["cp", "-r", str(home / "cache" / kept), str(cache / kept)], check=True)
     vlbench("run", "matrix", "--out", str(tmp_path / "out"), "--no-progress", cache=cache, env=forced_family())
     a, b = cells(home / "out"), cells(tmp_path / "out")

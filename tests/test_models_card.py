@@ -25,7 +25,7 @@ REQUIRED = {
     "simclip4-vit-l-14": ("ViT-L-14", "hf_hub"), "leaf-vit-l-14": ("ViT-L-14", "hf_hub"),
     "leaf-text-vit-l-14": ("ViT-L-14", "hf_hub"), "delta-clip-vit-l-14": ("ViT-L-14", "hf_hub"),
     "tga-zsr-vit-b-32": ("ViT-B-32", "path"), "pmg-aft-vit-b-32": ("ViT-B-32", "path"),
-    "world-clip": ("vlbench-world", "build"),
+    "world-clip": ("vlbench-world", "package"),
 }
 
 

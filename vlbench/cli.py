@@ -179,6 +179,9 @@ def _add_more_commands(parser: argparse.ArgumentParser, commands) -> argparse.Ar
     pretrain.add_argument("--force", action="store_true", help="pretrain again even if cached")
     pretrain.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="forward-pass precision (default fp32; bf16/fp16 only where native)")
+    pretrain.add_argument("--release", action="store_true",
+                          help="write the default pretraining and the world MLM into the package as the shipped "
+                          "release (vlbench/world/released/) and print the sha256 for models.yaml")
     return parser
 
 
@@ -530,8 +533,16 @@ def cmd_world(args: argparse.Namespace) -> int:
     import json
 
     from vlbench.models.precision import check_precision
-    from vlbench.world.pretrain import PretrainConfig, world_checkpoint
+    from vlbench.store.paths import package_file
+    from vlbench.world.pretrain import RELEASED, PretrainConfig, release, world_checkpoint
 
+    if args.release:
+        if args.precision != "fp32":
+            raise UserError("the release is pretrained in fp32", "drop --precision")
+        record = release(package_file(RELEASED), "vlbench " + " ".join(args.argv), force=args.force)
+        print(f"released {package_file(RELEASED)}: sha256 {record['sha256']} (models.yaml, world-clip)")
+        print(json.dumps(record["metrics"], indent=2))
+        return 0
     path = world_checkpoint(PretrainConfig(precision=check_precision(args.precision)), force=args.force)
     print(path)
     sidecar = path.with_suffix(".json")

@@ -3,7 +3,8 @@
 An entry names an open_clip architecture (``arch``), where its weights come from
 (``weights``: exactly one of an open_clip pretrained ``tag``, a Hugging Face ``hf_hub``
 repository with an optional ``file`` and ``revision``, a ``url`` with its ``sha256``, a local
-``path``, or a ``build`` that makes them, as the synthetic world's CLIP is pretrained), the
+``path``, a ``package`` file shipped with vlbench with its ``sha256`` (the synthetic world's
+CLIP), or a ``build`` that makes them on first use), the
 release ``format`` the files are in (:mod:`vlbench.models.formats`), which ``towers`` they
 replace (``full``; ``visual`` or ``text`` on top of a ``base`` entry that supplies the other
 tower, as RobustVLM's and TeCoA's image-only releases are published), preprocessing where it
@@ -35,7 +36,7 @@ from vlbench.store.paths import cache_dir, card_file
 
 FORMATS = ("auto", "open_clip", "open_clip_hf", "visual_state_dict", "tecoa", "transformers")
 TOWERS = ("full", "visual", "text")
-SOURCES = ("tag", "hf_hub", "url", "path", "build")
+SOURCES = ("tag", "hf_hub", "url", "path", "package", "build")
 HF_PREFIX = "hf-hub:"
 
 
@@ -67,6 +68,8 @@ class Weights:
     hf_hub: str | None = None
     url: str | None = None
     path: str | None = None
+    #: a file shipped inside the vlbench package, relative to its folder (needs its sha256)
+    package: str | None = None
     build: str | None = None
     #: hf_hub: the one file to read (formats held in one file); url: the name to keep it under
     file: str | None = None
@@ -90,6 +93,8 @@ class Weights:
             return self.url
         if self.path is not None:
             return self.path
+        if self.package is not None:
+            return f"vlbench/{self.package} (shipped with vlbench)"
         return f"built by {self.build}"
 
 
@@ -145,6 +150,8 @@ def parse_entry(name: str, raw: Any, where: str, root: Path) -> ModelSpec:
         raise UserError(f"{what}: weights url {weights.url!r} is not http(s)", "give the full download address")
     if weights.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", weights.sha256):
         raise UserError(f"{what}: weights sha256 {weights.sha256!r} is not 64 hex digits", "copy it whole, lower case")
+    if weights.package is not None and weights.sha256 is None:
+        raise UserError(f"{what}: a package file needs its sha256", "add the sha256 that `vlbench world pretrain --release` printed")
     if weights.hf_hub is not None and weights.hf_hub.count("/") != 1:
         raise UserError(f"{what}: hf_hub {weights.hf_hub!r} is not ORG/NAME", "name the file with file:, not in the id")
     spec = from_mapping(ModelSpec, raw, what, required=("arch", "weights", "format"), skip=("weights",),
@@ -160,8 +167,8 @@ def parse_entry(name: str, raw: Any, where: str, root: Path) -> ModelSpec:
                         "a visual or text release names the entry that supplies the other tower in base:")
     if spec.format in ("visual_state_dict", "tecoa") and spec.towers != "visual":
         raise UserError(f"{what}: format {spec.format} holds the image tower only", "set towers: visual and a base:")
-    if spec.weights.kind == "build" and spec.format not in ("open_clip", "auto"):
-        raise UserError(f"{what}: a build writes an open_clip state dict", "set format: open_clip")
+    if spec.weights.kind in ("build", "package") and spec.format not in ("open_clip", "auto"):
+        raise UserError(f"{what}: a {spec.weights.kind} weights file is an open_clip state dict", "set format: open_clip")
     parse_claims(spec.claimed, what)
     return spec
 

@@ -25,7 +25,7 @@ from vlbench.errors import UserError
 from vlbench.models.card import ModelSpec, Weights, adhoc_name, card, get_model, weights_from_text
 from vlbench.models.formats import Release, detect, peek, read_release, unwrap
 from vlbench.models.victim import Victim, register_model_configs
-from vlbench.models.weights import locate
+from vlbench.models.weights import fingerprint, locate
 
 #: logit_scale (and a SigLIP logit_bias) belong to the full model, not to either tower
 _SHARED = ("logit_scale", "logit_bias")
@@ -83,11 +83,13 @@ def named_model(model: str, pretrained: str | None = None, extra: dict[str, Mode
 
 def _build(spec: ModelSpec, precision: str, extra, progress: bool) -> tuple[nn.Module, Any, dict]:
     located = locate(spec, precision)
+    if spec.weights.sha256 is not None:
+        fingerprint(spec, precision)  # a file that differs from its entry is refused, not loaded
     if located.pending_build:
         location = spec.builder().build(precision, progress)
     else:
         location = located.location
-    fmt = "open_clip" if spec.weights.kind in ("tag", "build") else spec.format
+    fmt = "open_clip" if spec.weights.kind in ("tag", "build", "package") else spec.format
     if fmt == "auto":
         fmt = detect(location)
     release = read_release(fmt, location)

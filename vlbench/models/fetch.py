@@ -59,6 +59,8 @@ def fetch(spec: ModelSpec, precision: str = "fp32", progress: bool = True,
     if kind == "build":
         path = spec.builder().build(precision, progress)
         return Fetched(spec.name, path, path.stat().st_size, None, sha256_of(path), "built")
+    if kind == "package":
+        return _done(spec, locate(spec, precision).files[0], "shipped with vlbench")
     if kind == "path":
         if not spec.local_path().exists():
             raise UserError(f"{spec.name} has no download address: place its file at {spec.local_path()}",

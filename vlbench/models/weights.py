@@ -24,7 +24,7 @@ from vlbench.models.card import ModelSpec
 from vlbench.models.formats import (OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, TRANSFORMERS_CONFIG, TRANSFORMERS_WEIGHTS,
                                     first_file)
 from vlbench.store.files import atomic_write_json, file_lock, stable_hash
-from vlbench.store.paths import cache_dir
+from vlbench.store.paths import cache_dir, package_file
 
 
 class ModelMissing(UserError):
@@ -147,6 +147,12 @@ def locate(spec: ModelSpec, precision: str = "fp32") -> Located:
         if path.is_dir():
             return Located(path, _folder_files(path, spec))
         return Located(path, [path])
+    if kind == "package":
+        path = package_file(spec.weights.package)
+        if not path.is_file():
+            raise UserError(f"model {spec.name!r}: {path} is missing from the installed vlbench",
+                            "reinstall vlbench (pip install -e .), or rebuild it with `vlbench world pretrain --release`")
+        return Located(path, [path])
     if kind == "url":
         path = url_path(spec)
         if not path.is_file():
@@ -226,8 +232,10 @@ def fingerprint(spec: ModelSpec, precision: str = "fp32") -> str:
     digests = [sha256_of(path) for path in located.files]
     declared = spec.weights.sha256
     if declared and digests[0] != declared:
+        fix = ("reinstall vlbench, or release the file again with `vlbench world pretrain --release`"
+               if spec.weights.kind == "package" else f"remove it and run `vlbench models fetch {spec.name}`")
         raise UserError(f"model {spec.name!r}: {located.files[0]} has sha256 {digests[0][:16]}…, not the "
-                        f"{declared[:16]}… its entry declares", f"remove it and run `vlbench models fetch {spec.name}`")
+                        f"{declared[:16]}… its entry declares", fix)
     return digests[0] if len(digests) == 1 else stable_hash(digests, 64)
 
 

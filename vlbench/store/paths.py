@@ -20,6 +20,11 @@ def builtin_root() -> Path:
     return _PACKAGE_DIR.parent
 
 
+def package_file(relative: str) -> Path:
+    """A file shipped inside the vlbench package (the world's released weights)."""
+    return _PACKAGE_DIR / relative
+
+
 def cache_dir() -> Path:
     """The user cache: ``$VLBENCH_CACHE``, else ``$XDG_CACHE_HOME/vlbench``, else ``~/.cache/vlbench``."""
     explicit = os.environ.get("VLBENCH_CACHE")

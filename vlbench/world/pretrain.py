@@ -21,6 +21,15 @@ attribute only (hard negatives for retrieval).
 training config and the architecture; a missing or unreadable file is (re)trained and
 written atomically, with a JSON sidecar holding the config, the wall time and the measured
 zero-shot and retrieval quality.
+
+The world CLIP every user evaluates is not pretrained on their machine: the same run gives
+other weights on another CPU kernel family or vendor (measured: 124 of the default matrix's
+266 undefended cells moved, by up to 6.5 points), so everybody would attack another model.
+:func:`release` stores one pretrained result with the package (``vlbench/world/released/``,
+entry ``world-clip`` of ``models.yaml``): its tensors in half precision, which halves the
+file (24 MB) and loads to the same float32 bits on every machine, with a sidecar recording
+the command, the machine and the quality of the shipped tensors; and the world's masked LM
+beside it, for the same reason.
 """
 
 from __future__ import annotations
@@ -400,10 +409,92 @@ def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
     return build_once(path.with_suffix(".lock"), cached, build, "pretraining the world CLIP")
 
 
+# -- the release shipped with the package ------------------------------------------------------
+#: where the released world CLIP and MLM live, relative to the vlbench package folder
+RELEASED = "world/released"
+RELEASED_CLIP = f"{RELEASED}/world-clip.safetensors"
+RELEASED_MLM = f"{RELEASED}/world-mlm"
+#: the bar a pretraining must reach to be released (percent, on the test split)
+QUALITY_BAR = {"zero_shot_mean": 97.0, "i2t_R@1": 97.0, "t2i_R@1": 97.0}
+
+
+def below_bar(metrics: dict[str, float]) -> list[str]:
+    """The quality metrics under :data:`QUALITY_BAR`, as ``name value < bar`` texts."""
+    return [f"{name} {metrics[name]:.1f} < {bar:g}" for name, bar in QUALITY_BAR.items() if metrics[name] < bar]
+
+
+def machine() -> dict[str, str]:
+    """What computed a release: CPU model, kernel family, threads, library versions."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": str(torch.get_num_threads()),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def release(folder: Path, command: str, progress: bool = True, force: bool = False) -> dict:
+    """Pretrain (or reuse from the cache) the default world CLIP and world MLM and write them to
+    ``folder`` as the shipped release; refuses a CLIP below :data:`QUALITY_BAR`. Returns the
+    CLIP's sidecar (its ``sha256`` goes into ``models.yaml``)."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from attacks._mlm import MLM_WEIGHTS, release_manifest, world_mlm
+    from vlbench.errors import UserError
+
+    config = PretrainConfig()
+    cached = world_checkpoint(config, force=force, progress=progress)
+    state = load_file(str(cached))
+    # floating tensors only: batch norm's step counter stays an integer
+    half = {name: tensor.to(torch.float16) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / Path(RELEASED_CLIP).name
+    victim = build_victim()
+    victim.model.load_state_dict(half)  # float16 → float32: exact, the same bits on every machine
+    metrics = evaluate_world(victim.eval())
+    failed = below_bar(metrics)
+    if failed:
+        raise UserError(f"the pretrained world CLIP is below the release bar ({', '.join(failed)})",
+                        "pretrain with another seed or more steps (PretrainConfig) and release again")
+    atomic_save_tensors(target, half, metadata={"config": json.dumps(asdict(config), sort_keys=True)})
+    sidecar = json.loads(cached.with_suffix(".json").read_text())
+    record = {"file": target.name, "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+              "command": command, "machine": machine(), "config": asdict(config), "model": world_model_config(),
+              "stored_as": "float16, loaded as float32", "pretrain_seconds": sidecar.get("pretrain_seconds"),
+              "metrics_fp32": sidecar.get("metrics"), "metrics": {k: round(v, 2) for k, v in metrics.items()}}
+    atomic_write_json(target.with_suffix(".json"), record)
+
+    trained = world_mlm(force=force, progress=progress)
+    staging = Path(tempfile.mkdtemp(prefix=".world-mlm-", dir=folder))
+    staging.chmod(0o755)
+    for item in trained.iterdir():
+        shutil.copyfile(item, staging / item.name)
+    manifest = release_manifest(staging)
+    atomic_write_json(staging / "vlbench.json", {**json.loads((trained / "vlbench.json").read_text()),
+                                                 "command": command, "machine": machine(), "sha256": manifest})
+    mlm_folder = folder / Path(RELEASED_MLM).name
+    shutil.rmtree(mlm_folder, ignore_errors=True)
+    os.replace(staging, mlm_folder)
+    assert (mlm_folder / MLM_WEIGHTS).is_file()
+    return record
+
+
 class WorldWeights:
-    """The world CLIP's weights as a model card build (``weights: {build:
-    vlbench.world.pretrain:world_weights}`` in ``models.yaml``): pretrained with the default
-    :class:`PretrainConfig` at the run's precision on first use, then read from the cache."""
+    """The world CLIP pretrained on this machine, as a model card build (``weights: {build:
+    vlbench.world.pretrain:world_weights}`` in a config's ``models:``, to evaluate a rebuild
+    beside the released ``world-clip``): pretrained with the default :class:`PretrainConfig`
+    at the run's precision on first use, then read from the cache."""
 
     what = "world CLIP pretraining"
 
@@ -426,7 +517,7 @@ WORLD_ENTRY = "world-clip"
 
 
 def world_victim(precision: str = "fp32", device: str = "cpu", progress: bool = True) -> Victim:
-    """The pretrained world CLIP (pretrained first if the cache has none), through the model card."""
+    """The released world CLIP, through the model card."""
     from vlbench.models.card import get_model
     from vlbench.models.factory import create_victim
 
