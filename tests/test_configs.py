@@ -25,6 +25,7 @@ def plan(name):
 
 @pytest.mark.parametrize("name, cells, skipped", [
     ("world", 266, 154),       # 7 defense entries x 10 attacks x 6 datasets, minus cells that do not apply
+    ("world-seeds", 19 * 38, 19 * 22),  # world's 6 trained rows x 3 seeds + none, 38 cells each
     ("world-attacks", 70, 26),     # 16 attacks x 6 datasets, minus classification-only / retrieval-only pairs
     ("tecoa", 3 * 4 * 15, 0),
     ("mmcoa", 3 * 4 * 15, 0),
@@ -37,6 +38,18 @@ def test_config_plans_expected_cells(name, cells, skipped):
     result = plan(name)
     assert (len(result.cells), len(result.skipped)) == (cells, skipped)
     assert len({cell.id for cell in result.cells}) == cells
+
+
+def test_the_seeded_protocol_is_the_default_one_with_three_trainings_per_defense():
+    """configs/world-seeds.yaml extends world.yaml: its seed-0 cells are the default matrix's
+    cells (the same keys, so the same checkpoints), seeds 1 and 2 train anew."""
+    from vlbench.store.files import stable_hash
+
+    world, seeded = plan("world"), plan("world-seeds")
+    keys = {stable_hash(c.config, 10) for c in world.cells}
+    assert {stable_hash(c.config, 10) for c in seeded.cells if c.training_seed in (0, None)} == keys
+    assert {c.training_seed for c in seeded.cells if c.defense.trains} == {0, 1, 2}
+    assert {c.training_seed for c in seeded.cells if c.defense_label == "none"} == {None}
 
 
 def test_paper_protocols_use_the_papers_settings():

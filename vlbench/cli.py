@@ -51,6 +51,13 @@ EPILOG = """examples:
 """
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers (e.g. 0,1,2)") from None
+
+
 def _names(text: str) -> list[str]:
     return [part for part in text.replace(" ", ",").split(",") if part]
 
@@ -89,7 +96,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", type=_names, help="comma-separated dataset names")
     parser.add_argument("--limit", type=int, help="evaluate a seeded, fixed subset of N samples")
     parser.add_argument("--out", type=Path, help="results folder (default from the config)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="the protocol's seed: test subsets and attack randomness")
+    parser.add_argument("--training-seeds", type=_seeds, dest="training_seeds",
+                        help="train every training defense once per seed, e.g. 0,1,2 (the leaderboard's row is "
+                        "their mean, its interval over seeds and test samples)")
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="forward-pass precision (default fp32; bf16/fp16 only where native)")
@@ -192,19 +202,18 @@ def default_config_path() -> Path:
 
 
 def matrix_config(args: argparse.Namespace):
-    from vlbench.schema import read_yaml
-    from vlbench.run.matrix import MatrixConfig, select
+    from vlbench.run.matrix import MatrixConfig, read_config, select
 
     path = args.config or default_config_path()
     if args.config is not None and not args.config.is_file():
         raise UserError(f"config file {args.config} does not exist", "check the --config path")
-    cfg = MatrixConfig.from_dict(read_yaml(path, "config"), str(path))
+    cfg = MatrixConfig.from_dict(read_config(path), str(path))
     if args.defenses:
         cfg.defenses = select(cfg.defenses, args.defenses)
     if args.attacks:
         cfg.attacks = select(cfg.attacks, args.attacks)
-    for key in ("datasets", "limit", "seed", "device", "batch_size", "model", "pretrained", "precision",
-                "data_workers", "threads"):
+    for key in ("datasets", "limit", "seed", "training_seeds", "device", "batch_size", "model", "pretrained",
+                "precision", "data_workers", "threads"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)

@@ -42,11 +42,11 @@ def compare(results_dir: str | Path, first: str, second: str) -> pd.DataFrame:
         a, b = Number.of(mine, by_cell), Number.of(theirs, by_cell)
         row = {"attack": attack, "dataset": dataset, "metric": metric, first: round(a.value, 1),
                second: round(b.value, 1)}
-        if a.groups is None or b.groups is None or a.ids != b.ids:
+        if a.runs is None or b.runs is None or a.ids != b.ids:
             rows.append({**row, "difference": round(a.value - b.value, 1), "95% interval": "–", "p": None,
                          "test": "not on the same recorded samples"})
             continue
-        d = statistics.paired_difference(a.groups, b.groups, *a.cells, *b.cells, metric, exact=a.exact)
+        d = a.difference(b)
         rows.append({**row, "difference": round(d.value, 1), "95% interval": f"[{d.low:+.1f}, {d.high:+.1f}]",
                      "p": d.p, "test": d.test + (" *" if d.p < statistics.ALPHA else "")})
     table = pd.DataFrame(rows)

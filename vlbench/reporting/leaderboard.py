@@ -12,8 +12,10 @@ of one plugin, is marked ‡ with a footnote naming them.
 
 Every number whose cells recorded their per-sample outcomes carries its 95 % bootstrap
 interval (``80.6 ± 2.8``: the value and half the interval's width; the CSV has ``ci_low``
-and ``ci_high``), and in each column the best value and every value not significantly below
-it (a paired test on the same samples, :mod:`vlbench.reporting.statistics`) are in bold.
+and ``ci_high`` per cell), and in each column the best value and every value not
+significantly below it (a paired test on the same samples, :mod:`vlbench.reporting.statistics`)
+are in bold. A row trained with several seeds shows the mean over its seeds, and its interval
+and tests cover the seeds as well as the test samples (a hierarchical bootstrap).
 
 :func:`build_board` gathers what both pages show (the tables, each defense's section with
 its claimed numbers, the notes, the provenance); ``leaderboard.html`` is rendered by
@@ -45,8 +47,8 @@ from vlbench.store.artifacts import without_versions
 from vlbench.store.files import atomic_write_text
 
 log = logging.getLogger(__name__)
-LONG_COLUMNS = ["defense", "attack", "dataset", "task", "metric", "value", "ci_low", "ci_high", "n", "subset_hash",
-                "seed", "cell", "created", "code_revision", "plugin_versions", "arch", "base", "weights"]
+LONG_COLUMNS = ["defense", "training_seed", "attack", "dataset", "task", "metric", "value", "ci_low", "ci_high", "n",
+                "subset_hash", "seed", "cell", "created", "code_revision", "plugin_versions", "arch", "base", "weights"]
 
 
 def plugin_versions(config: dict) -> list[str]:
@@ -90,7 +92,8 @@ def read_results(results_dir: Path, results: list[dict] | None = None) -> pd.Dat
         for metric, value in result["metrics"].items():
             found = statistics.outcomes(result, metric)
             low, high = (np.nan, np.nan) if found is None else statistics.interval([found], result["cell"], metric)
-            rows.append({"defense": result["defense"], "attack": result["attack"],
+            rows.append({"defense": result["defense"], "training_seed": result.get("training_seed"),
+                         "attack": result["attack"],
                          "dataset": result["dataset"], "task": result["task"], "metric": metric,
                          "value": float(value), "ci_low": low, "ci_high": high,
                          "n": result["n"], "subset_hash": result["subset_hash"],
@@ -110,7 +113,8 @@ def headline_metrics(long: pd.DataFrame) -> pd.DataFrame:
     """The rows of each task's primary metrics; the newest result wins when a cell was
     recomputed under the same labels."""
     headline = long[long.apply(lambda r: r["metric"] in PRIMARY_METRICS.get(r["task"], ()), axis=1)]
-    return headline.sort_values("created").drop_duplicates(["defense", "attack", "dataset", "metric"], keep="last")
+    return headline.sort_values("created").drop_duplicates(["defense", "training_seed", "attack", "dataset", "metric"],
+                                                           keep="last")
 
 
 def _label(attack: str) -> str:
@@ -622,10 +626,7 @@ def build_board(folders: list[Path], results: list[dict]) -> Board:
     audited = [d for report in reports for d, entry in report.items() if entry.get("passed") and not entry.get("failed")]
     if audited:
         notes.append("passed every gradient-masking check the audit decided: " + ", ".join(audited))
-    notes.append(f"± half the {statistics.LEVEL:.0%} bootstrap interval over samples; bold: the best value of each "
-                 "column and every value not significantly below it on the same samples (exact McNemar for one "
-                 f"accuracy, paired bootstrap for recall and means; p ≥ {statistics.ALPHA}); cells that did not "
-                 "record their samples (result schema before 3) show neither")
+    notes.append(interval_note(headline))
     flagged = lambda part: _flag_rows(part, row_flags) if row_flags else part  # noqa: E731
     n_compact = len(compact_tables)
     summaries_shown = [(caption, flagged(part)) for caption, part in marked[:n_compact]]
@@ -641,6 +642,26 @@ def build_board(folders: list[Path], results: list[dict]) -> Board:
              "'clean' is the attack `none`, every other column is robust accuracy/recall under that attack.")
     return Board(title, summaries_shown, curves_shown, (full_caption, flagged(table)), per_dataset,
                  attack_families(results), notes, infos, provenance(folders, results), row_flags)
+
+
+def interval_note(headline: pd.DataFrame) -> str:
+    """What the ± and the bold marks cover: test samples, and training seeds where rows have several."""
+    seeds = headline.groupby("defense", sort=False)["training_seed"].nunique()
+    seeded = {label: int(n) for label, n in seeds.items() if n > 1}
+    bold = (f"bold: the best value of each column and every value not significantly below it on the same samples "
+            f"(p ≥ {statistics.ALPHA}; ")
+    if not seeded:
+        return (f"± half the {statistics.LEVEL:.0%} bootstrap interval over test samples: each row is one training "
+                "(or one set of released weights), so the spread between trainings is not in it; " + bold
+                + "exact McNemar for one accuracy, paired bootstrap for recall and means); cells that did not "
+                "record their samples (result schema before 3) show neither")
+    counts = ", ".join(f"{label} {n}" for label, n in seeded.items())
+    others = [label for label in seeds.index if label not in seeded]
+    return (f"± half the {statistics.LEVEL:.0%} interval of the mean over training seeds ({counts} seeds): a "
+            "hierarchical bootstrap, seeds then test samples, so it covers both"
+            + (f"; over test samples only for {', '.join(others)} (one set of weights)" if others else "") + "; "
+            + bold + "hierarchical bootstrap where a row has several seeds, else exact McNemar for one accuracy "
+            "and a paired bootstrap for recall and means)")
 
 
 def _curve_bases(curve_tables: list) -> list[tuple[str, str, pd.DataFrame]]:

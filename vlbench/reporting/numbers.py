@@ -14,41 +14,63 @@ from vlbench.reporting import statistics
 
 @dataclass
 class Number:
-    """One shown number: a metric of one cell, or its mean over several datasets' cells, with
-    the per-sample outcomes behind it (one array per dataset) when the cells recorded them."""
+    """One shown number: a metric of one cell, or its mean over several datasets' cells, and
+    over training seeds where the row has several, with the per-sample outcomes behind it
+    (per seed, one array per dataset) when the cells recorded them."""
 
     value: float
     metric: str
     cells: tuple[str, ...]
-    groups: list[np.ndarray] | None
+    runs: list[list[np.ndarray]] | None
     ids: tuple | None  # what names the queries: numbers pair only on the same ones
-    exact: bool        # one dataset's accuracy: exact McNemar; else a paired bootstrap
+    exact: bool        # one dataset's accuracy of one training: exact McNemar; else a bootstrap
 
     @classmethod
     def of(cls, rows: pd.DataFrame, by_cell: dict[str, dict]) -> "Number":
-        """The mean of ``rows`` (one metric, one cell per dataset)."""
+        """The mean of ``rows`` (one metric, one cell per dataset and training seed)."""
         rows = rows.sort_values("dataset")  # so that two rows' groups pair dataset by dataset
-        groups, ids = [], []
-        for cell, metric, dataset in zip(rows["cell"], rows["metric"], rows["dataset"]):
-            found = statistics.outcomes(by_cell[cell], metric)
-            if found is None:
-                groups = None
-                break
-            groups.append(found)
-            ids.append((dataset, *statistics.query_ids(by_cell[cell], metric)))
+        seeds = rows["training_seed"] if "training_seed" in rows else pd.Series(np.nan, index=rows.index)
+        runs: list[list[np.ndarray]] | None = []
+        ids = None
+        for _, part in rows.groupby(seeds.fillna(-1), sort=True):
+            groups, names = [], []
+            for cell, metric, dataset in zip(part["cell"], part["metric"], part["dataset"]):
+                found = statistics.outcomes(by_cell[cell], metric)
+                if found is None:
+                    break
+                groups.append(found)
+                names.append((dataset, *statistics.query_ids(by_cell[cell], metric)))
+            else:
+                if ids is None or ids == tuple(names):
+                    ids = tuple(names)
+                    runs.append(groups)
+                    continue
+            runs = None  # a seed without recorded outcomes, or on other queries: no interval
+            break
         metric = rows["metric"].iloc[0]
-        return cls(float(rows["value"].mean()), metric, tuple(rows["cell"]), groups,
-                   None if groups is None else tuple(ids), exact=len(rows) == 1 and metric.endswith("top1"))
+        value = float(rows.groupby(seeds.fillna(-1))["value"].mean().mean())
+        return cls(value, metric, tuple(rows["cell"]), runs, None if runs is None else ids,
+                   exact=rows["dataset"].nunique() == 1 and metric.endswith("top1"))
+
+    @property
+    def seeds(self) -> int:
+        """How many trainings the number averages."""
+        return 1 if self.runs is None else len(self.runs)
 
     @cached_property
     def half_width(self) -> float | None:
-        if self.groups is None:
+        if self.runs is None:
             return None
-        low, high = statistics.interval(self.groups, *self.cells, self.metric)
+        low, high = statistics.seeded_interval(self.runs, *self.cells, self.metric)
         return (high - low) / 2
 
     def text(self) -> str:
         return f"{self.value:.1f}" if self.half_width is None else f"{self.value:.1f} ± {self.half_width:.1f}"
+
+    def difference(self, other: "Number") -> statistics.Difference:
+        """``self − other`` on the same queries (both must have ``runs`` and equal ``ids``)."""
+        return statistics.seeded_difference(self.runs, other.runs, *self.cells, *other.cells, self.metric,
+                                            exact=self.exact and other.exact)
 
 
 def leaders(column: list["Number | None"]) -> set[int]:
@@ -64,9 +86,8 @@ def leaders(column: list["Number | None"]) -> set[int]:
         other = column[i]
         if other.value == top.value:
             marked.add(i)
-        elif top.groups is not None and other.groups is not None and other.ids == top.ids and \
-                statistics.paired_difference(top.groups, other.groups, *top.cells, *other.cells, top.metric,
-                                             exact=top.exact).p >= statistics.ALPHA:
+        elif top.runs is not None and other.runs is not None and other.ids == top.ids and \
+                top.difference(other).p >= statistics.ALPHA:
             marked.add(i)
     return marked
 

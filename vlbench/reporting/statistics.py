@@ -13,6 +13,18 @@ bootstrap intervals, and paired tests between two rows evaluated on the same sam
   pairs (McNemar, Psychometrika 1947; Dietterich, Neural Computation 1998, for classifier
   comparison). Recall, and means over datasets: a paired bootstrap of the difference
   (Koehn, EMNLP 2004), two-sided, against the resampled differences shifted to mean zero.
+- A row trained with several seeds (``training_seeds``) is a sample of trainings as well as
+  of test queries: two trainings of one defense differ by more than the per-sample interval
+  of either allows. Its number is the mean over seeds, and its interval and tests come from
+  a hierarchical bootstrap (Davison & Hinkley, "Bootstrap Methods and their Application",
+  1997, §3.8; Saravanan et al., "Application of the hierarchical bootstrap to multi-level
+  data in neuroscience", NBDC 2020): each resample draws the seeds with replacement, then the
+  test queries with replacement, one draw of queries shared by every seed and by both rows
+  of a comparison (they were evaluated on the same queries), so the pairing on queries is
+  kept while the seeds vary. It needs no normality and no equal variances, and with one seed
+  it is the per-sample bootstrap above. With three seeds the seed level has only ten distinct
+  resamples and its spread is ~(S−1)/S of the seeds' variance: the interval is a floor on
+  the uncertainty, not a generous one; more seeds tighten both.
 """
 
 from __future__ import annotations
@@ -86,6 +98,30 @@ def _percentiles(draws: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def _query_weights(sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+    """[RESAMPLES, n] counts of each query in each resample, per dataset of ``sizes``."""
+    return [rng.multinomial(n, np.full(n, 1.0 / n), size=RESAMPLES) for n in sizes]
+
+
+def _seeded_means(runs: list[list[np.ndarray]], weights: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Hierarchical bootstrap means (see the module docstring): per resample, the mean over
+    seeds drawn with replacement of each seed's mean over datasets, its queries reweighted
+    by ``weights``."""
+    per_seed = np.stack([sum(w @ group.astype(float) / len(group) for w, group in zip(weights, groups)) / len(groups)
+                         for groups in runs])  # [seeds, RESAMPLES]
+    drawn = rng.integers(len(runs), size=(RESAMPLES, len(runs)))
+    return 100.0 * per_seed[drawn, np.arange(RESAMPLES)[:, None]].mean(axis=1)
+
+
+def seeded_interval(runs: list[list[np.ndarray]], *seed) -> tuple[float, float]:
+    """The 95 % interval (percent) of the mean over training seeds (``runs``: per seed, one
+    outcome array per dataset): the per-sample bootstrap for one seed, else hierarchical."""
+    if len(runs) == 1:
+        return interval(runs[0], *seed)
+    rng = _generator("seeded interval", *seed)
+    return _percentiles(_seeded_means(runs, _query_weights([len(g) for g in runs[0]], rng), rng))
+
+
 def mcnemar_exact(first: np.ndarray, second: np.ndarray) -> float:
     """Two-sided p-value of the exact McNemar test: under equal accuracy, the samples one
     gets right and the other wrong split as a fair coin."""
@@ -107,6 +143,22 @@ class Difference:
     high: float
     p: float
     test: str
+
+
+def seeded_difference(first: list[list[np.ndarray]], second: list[list[np.ndarray]], *seed, exact: bool) -> Difference:
+    """Compare two rows on the same queries, each given per training seed (one array per
+    dataset, aligned across seeds and rows). One seed each: :func:`paired_difference`;
+    otherwise a hierarchical bootstrap of the difference of the means over seeds."""
+    if len(first) == 1 and len(second) == 1:
+        return paired_difference(first[0], second[0], *seed, exact=exact)
+    value = float(np.mean([100.0 * np.mean([g.mean() for g in groups]) for groups in first])
+                  - np.mean([100.0 * np.mean([g.mean() for g in groups]) for groups in second]))
+    rng = _generator("seeded paired", *seed)
+    weights = _query_weights([len(g) for g in first[0]], rng)
+    draws = _seeded_means(first, weights, rng) - _seeded_means(second, weights, rng)
+    low, high = _percentiles(draws)
+    p = float((np.abs(draws - value) >= abs(value) - 1e-9).mean())
+    return Difference(value, low, high, p, "hierarchical bootstrap (seeds, then samples)")
 
 
 def paired_difference(first: list[np.ndarray], second: list[np.ndarray], *seed, exact: bool) -> Difference:

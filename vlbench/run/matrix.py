@@ -193,6 +193,10 @@ class MatrixConfig:
     datasets: list[str] = field(default_factory=list)
     limit: int | None = None
     seed: int = 0
+    #: train every training defense once per seed (its ``seed`` parameter), each seed with
+    #: cells of its own; the leaderboard's row is their mean, with an interval over seeds and
+    #: test samples. None: each defense's own seed (one training)
+    training_seeds: list[int] | None = None
     batch_size: int = 256
     out: str = "runs/world"
     device: str = "cpu"
@@ -230,6 +234,26 @@ class MatrixConfig:
         return cls(**values)
 
 
+def read_config(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A matrix config file's mapping. ``extends: OTHER.yaml`` (relative to the file) reads
+    that config first and replaces its top-level keys with this file's: a protocol that is
+    another with a few keys changed says only those."""
+    from vlbench.schema import read_yaml
+
+    raw = read_yaml(path, "config")
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    base = Path(path).parent / str(raw.pop("extends"))
+    if base.resolve() in seen or base.resolve() == Path(path).resolve():
+        raise UserError(f"config {path} extends {base}, which extends it back", "remove one of the extends: keys")
+    if not base.is_file():
+        raise UserError(f"config {path} extends {base}, which does not exist", "name a config beside it")
+    parent = read_config(base, (*seen, Path(path).resolve()))
+    if not isinstance(parent, dict):
+        raise UserError(f"config {base} is not a mapping", "see configs/world.yaml for the format")
+    return {**parent, **raw}
+
+
 def _as_list(value: Any, what: str) -> list:
     if isinstance(value, str):
         return [v for v in re.split(r"[,\s]+", value) if v]
@@ -258,6 +282,16 @@ class Cell:
     config: dict[str, Any]
     id: str
     path: Path
+    #: the defense's training seed (its ``seed`` parameter) where it trains with one
+    training_seed: int | None = None
+    #: whether the config trains this row with several seeds (``training_seeds``)
+    seeded: bool = False
+
+    @property
+    def row(self) -> str:
+        """The trained model this cell evaluates: its label, and its seed where a row trains
+        with several (what trainings, claims and evaluation groups are keyed by)."""
+        return f"{self.defense_label}@seed{self.training_seed}" if self.seeded else self.defense_label
 
 
 @dataclass
@@ -300,19 +334,22 @@ def make_plan(cfg: MatrixConfig) -> Plan:
     api.discover()
     rows = [e for s in cfg.defenses for e in s.sweep("defenses")]
     defenses = [(e.label, api.build("defenses", e.name, e.options)) for e in rows]
+    rows, defenses, seeds = seeded_rows(cfg, rows, defenses)
     attacks = [(e.label, api.build("attacks", e.name, e.options)) for s in cfg.attacks for e in s.sweep("attacks")]
-    for kind, items in (("defense", defenses), ("attack", attacks)):
-        labels = [label for label, _ in items]
-        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    rows_named = [label if cfg.training_seeds is None else (label, seed) for (label, _), seed in zip(defenses, seeds)]
+    for kind, labels in (("defense", rows_named), ("attack", [label for label, _ in attacks])):
+        duplicates = sorted({label for label in labels if labels.count(label) > 1}, key=str)
         if duplicates:
-            raise UserError(f"{kind} label {duplicates[0]!r} is used twice",
+            shown = duplicates[0] if isinstance(duplicates[0], str) else duplicates[0][0]
+            raise UserError(f"{kind} label {shown!r} is used twice",
                             f"give each {kind} entry its own label: key")
     specs = {name: get_spec(name) for name in cfg.datasets}
     models = [row_model(cfg, e) for e in rows]
     identities = {m.name: model_identity(m, cfg) for m in {m.name: m for m in models}.values()}
     cells, skipped = [], []
     out = Path(cfg.out)
-    for (d_label, defense), model in zip(defenses, models):
+    for (d_label, defense), model, training_seed in zip(defenses, models, seeds):
+        row = d_label if cfg.training_seeds is None or training_seed is None else f"{d_label}-seed{training_seed}"
         for a_label, attack in attacks:
             for name, spec in specs.items():
                 reason = attack.skip_reason(spec.task)
@@ -327,10 +364,40 @@ def make_plan(cfg: MatrixConfig) -> Plan:
                     "batch_size": cfg.batch_size, "precision": cfg.precision,
                 }, trained=defense.trains)
                 digest = stable_hash(config, 10)
-                cell_id = f"{_safe(d_label)}__{_safe(a_label)}__{_safe(name)}__{digest}"
+                cell_id = f"{_safe(row)}__{_safe(a_label)}__{_safe(name)}__{digest}"
                 cells.append(Cell(defense, d_label, model, attack, a_label, name, spec.task, config, cell_id,
-                                  out / "cells" / f"{cell_id}.json"))
+                                  out / "cells" / f"{cell_id}.json", training_seed,
+                                  cfg.training_seeds is not None and training_seed is not None))
     return Plan(cells, skipped)
+
+
+def seeded_rows(cfg: MatrixConfig, rows: list[PluginSpec], defenses: list[tuple[str, api.Defense]]):
+    """Each training defense once per ``cfg.training_seeds`` (its ``seed`` parameter set), under
+    its own label; returns the rows, the built defenses and each one's training seed (None for
+    a defense that does not train or has no seed)."""
+    def seed_of(defense: api.Defense) -> int | None:
+        return getattr(defense.params, "seed", None) if defense.trains else None
+
+    if cfg.training_seeds is None:
+        return rows, defenses, [seed_of(d) for _, d in defenses]
+    if not cfg.training_seeds or len(set(cfg.training_seeds)) != len(cfg.training_seeds):
+        raise UserError(f"training_seeds {cfg.training_seeds} must list distinct seeds", "write e.g. training_seeds: [0, 1, 2]")
+    out_rows, out_defenses, seeds = [], [], []
+    for row, (label, defense) in zip(rows, defenses):
+        if not defense.trains:
+            out_rows.append(row), out_defenses.append((label, defense)), seeds.append(None)
+            continue
+        if "seed" not in {f.name for f in dataclasses.fields(defense.Params)}:
+            raise UserError(f"defense {label!r} trains but has no seed parameter, so training_seeds cannot vary it",
+                            "give its Params a seed field (TrainingParams has one), or drop training_seeds")
+        if "seed" in row.options:
+            raise UserError(f"defense {label!r} sets seed: while the config sets training_seeds",
+                            "drop one: training_seeds trains every training defense once per seed")
+        for seed in cfg.training_seeds:
+            entry = dataclasses.replace(row, options={**row.options, "seed": seed})
+            out_rows.append(entry), out_defenses.append((label, api.build("defenses", entry.name, entry.options)))
+            seeds.append(seed)
+    return out_rows, out_defenses, seeds
 
 
 # -- running ------------------------------------------------------------------------------
@@ -469,7 +536,7 @@ def describe_plan(cfg: MatrixConfig, plan: Plan, todo: list[Cell], datasets: dic
     if builds:
         lines.append("  build: " + ", ".join(f"{n} ~{clock(rates.seconds(w))}" for n, w in builds.items()))
     train, reuse = [], []
-    for label, (defense, model) in {c.defense_label: (c.defense, c.base) for c in todo}.items():
+    for label, (defense, model) in {c.row: (c.defense, c.base) for c in todo}.items():
         if not defense.trains:
             continue
         if bases.ready(model) and checkpoint_path(bases.get(model), defense)[0].is_file():
@@ -577,7 +644,7 @@ def claims_folder(cfg: MatrixConfig) -> Path:
 def write_manifest(cfg: MatrixConfig, plan: Plan, checkpoints: dict[str, str]) -> None:
     """The plan's cells (and where each defense's training claim lives), for ``vlbench status``;
     named by its content, so runs of the same plan share one file."""
-    cells = [{"id": c.id, "defense": c.defense_label, "attack": c.attack_label, "dataset": c.dataset}
+    cells = [{"id": c.id, "defense": c.row, "attack": c.attack_label, "dataset": c.dataset}
              for c in plan.cells]
     manifest = {"cells": cells, "checkpoints": checkpoints}
     path = Path(cfg.out) / "plans" / f"{stable_hash(manifest, 12)}.json"
@@ -612,7 +679,7 @@ def record_failure(cell: Cell, exc: BaseException, stage: str, log_path: str) ->
 
     lines = [line for line in traceback.format_exception_only(type(exc), exc)[-1].splitlines() if line.strip()]
     atomic_write_json(failure_path(cell), {
-        "cell": cell.id, "defense": cell.defense_label, "attack": cell.attack_label, "dataset": cell.dataset,
+        "cell": cell.id, "defense": cell.row, "attack": cell.attack_label, "dataset": cell.dataset,
         "stage": stage, "error": lines[-1] if lines else type(exc).__name__, "user_error": isinstance(exc, UserError),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         "log": log_path, "host": platform.node(), "pid": os.getpid(),
@@ -682,7 +749,7 @@ def build_prerequisites(run: PreparedRun) -> BaseModels:
     for folder in (out / "cells", out / "failed", claims_folder(cfg)):
         if folder.is_dir():
             remove_stale_temporaries(folder)  # left by a run killed mid-write
-    trained = {c.defense_label: c for c in run.plan.cells if c.defense.trains}
+    trained = {c.row: c for c in run.plan.cells if c.defense.trains}
     for model in _bases_of(run.todo):
         run.bases.get(model)  # builds what a base needs (the world CLIP's pretraining) once, here
     write_manifest(cfg, run.plan, {label: str(checkpoint_path(run.bases.get(c.base), c.defense)[0])
@@ -715,7 +782,7 @@ def run_matrix(cfg: MatrixConfig, progress: bool = True, cache: EmbeddingCache |
     bar = progress_bar(total=len(run.todo), desc="cells", enabled=progress)
     groups: dict[str, list[Cell]] = {}
     for cell in run.todo:
-        groups.setdefault(cell.defense_label, []).append(cell)
+        groups.setdefault(cell.row, []).append(cell)
     while groups:
         progressed = False
         for label in list(groups):
@@ -780,7 +847,7 @@ class _CellRunner:
     def run_group(self, cells: list[Cell], bar) -> bool:
         """Run what can run now of one defense's cells; False if nothing could (its training
         or all its cells are claimed by other workers)."""
-        label, defense = cells[0].defense_label, cells[0].defense
+        label, defense = cells[0].row, cells[0].defense
         claims = claims_folder(self.cfg)
         if not any(_claimable(claims, c) for c in cells):
             return False
@@ -847,7 +914,7 @@ class _CellRunner:
         timing.record(f"evaluate {cell.attack_label}", seconds)
         result = {
             "schema": RESULT_SCHEMA, "cell": cell.id,
-            "defense": cell.defense_label, "attack": cell.attack_label,
+            "defense": cell.defense_label, "training_seed": cell.training_seed, "attack": cell.attack_label,
             "dataset": cell.dataset, "task": cell.task, "config": cell.config,
             "metrics": metrics, "n": len(indices), "samples": samples,
             "subset_hash": subset_hash(cell.dataset, data.spec.split, indices),

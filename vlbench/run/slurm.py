@@ -99,13 +99,13 @@ class TrainJob(_Job):
         cell = run.todo[0]
         try:
             bases = build_prerequisites(run)
-            obtain_model(bases.get(cell.base), cell.defense, False, cell.defense_label, wait=True, log_path=log_path,
+            obtain_model(bases.get(cell.base), cell.defense, False, cell.row, wait=True, log_path=log_path,
                          loading=Loading.for_device(self.cfg.data_workers, self.cfg.device))
         except Exception as exc:
             for other in run.todo:
                 record_failure(other, exc, "training", log_path)
             raise
-        return f"trained {cell.defense_label}"
+        return f"trained {cell.row}"
 
 
 class EvalJob(_Job):
@@ -132,7 +132,7 @@ def groups_of(cells: list[Cell], group_by: str) -> dict[tuple[str, ...], list[Ce
     """The evaluation tasks: cells sharing a model (and, with ``dataset``, a dataset)."""
     groups: dict[tuple[str, ...], list[Cell]] = {}
     for cell in cells:
-        key = (cell.defense_label,) if group_by == "defense" else (cell.defense_label, cell.dataset)
+        key = (cell.row,) if group_by == "defense" else (cell.row, cell.dataset)
         groups.setdefault(key, []).append(cell)
     return groups
 
@@ -179,7 +179,7 @@ def run_on_slurm(cfg: MatrixConfig, report: Callable[[str], None], selection: Se
     training = _trainings(run)
     train_jobs: dict[str, Any] = {}
     for key, labels in training.items():
-        cells = [c.id for c in run.todo if c.defense_label in labels]
+        cells = [c.id for c in run.todo if c.row in labels]
         job = submit(TrainJob, f"train-{labels[0]}", first, cells)
         jobs[f"train {labels[0]}"] = job
         for label in labels:
@@ -228,7 +228,7 @@ def _trainings(run: PreparedRun) -> dict[str, list[str]]:
     from vlbench.store.files import stable_hash
 
     keys: dict[str, list[str]] = {}
-    for label, (defense, model) in {c.defense_label: (c.defense, c.base) for c in run.todo}.items():
+    for label, (defense, model) in {c.row: (c.defense, c.base) for c in run.todo}.items():
         if not defense.trains:
             continue
         if run.bases.ready(model):
