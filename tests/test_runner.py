@@ -106,8 +106,8 @@ def test_sigkill_loses_no_finished_cell_and_leaves_no_partial_file(tmp_path, wor
     out = tmp_path / "out"
     command = [sys.executable, "-m", "vlbench", "run", "matrix", "--pretrained", str(world_checkpoint_path),
                "--defenses", "none", "--attacks", "none,pgd",
-               "--datasets", "world-shape,world-colour,world-size,world-position,world-texture",
-               "--limit", "150", "--batch-size", "50", "--out", str(out), "--no-progress"]
+               "--datasets", "world-shape,world-colour,world-size",
+               "--limit", "100", "--batch-size", "50", "--out", str(out), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.time() + 240
     while time.time() < deadline and len(cell_files(out)) < 2 and process.poll() is None:
@@ -115,13 +115,13 @@ def test_sigkill_loses_no_finished_cell_and_leaves_no_partial_file(tmp_path, wor
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished = cell_files(out)
-    assert 2 <= len(finished) < 10, process.stderr.read().decode()[-2000:]
+    assert 2 <= len(finished) < 6, process.stderr.read().decode()[-2000:]
     contents = {f: f.read_text() for f in finished}
     assert all(json.loads(text)["schema"] == RESULT_SCHEMA for text in contents.values())
 
     assert subprocess.run(command, capture_output=True, env=os.environ.copy()).returncode == 0
     after = cell_files(out)
-    assert len(after) == 10
+    assert len(after) == 6
     assert all(f.read_text() == text for f, text in contents.items())
     assert not list((out / "cells").glob(".*"))
 

@@ -133,7 +133,7 @@ def test_matrix_cell_overhead_against_evaluating_directly(benchmark, tmp_path, w
     from vlbench.models.victim import WORLD_MODEL
     from vlbench.run.matrix import MatrixConfig, PluginSpec, run_matrix
 
-    params = {"eps": 4, "steps": 10, "step_size": 1}
+    params = {"eps": 4, "steps": 6, "step_size": 1}
     victim = load_victim(WORLD_MODEL, str(world_checkpoint_path))
     victim.requires_grad_(False)
     data = load_dataset("world-colour")
@@ -153,9 +153,9 @@ def test_matrix_cell_overhead_against_evaluating_directly(benchmark, tmp_path, w
                            attacks=[PluginSpec("pgd", "pgd", params)], datasets=["world-colour"])
         run_matrix(cfg, progress=False, cache=cache)
 
-    benchmark.pedantic(one_cell, rounds=4, iterations=1, warmup_rounds=1, setup=evaluate_directly)
+    benchmark.pedantic(one_cell, rounds=3, iterations=1, warmup_rounds=1, setup=evaluate_directly)
     ratio = benchmark.stats.stats.min / min(direct[1:])  # the first fills the embedding cache
     benchmark.extra_info["matrix_over_direct"] = round(ratio, 3)
-    # about 1.2 on an idle machine (the plan, the model load, the result file); the bound is
+    # about 1.3 on an idle machine (the plan, the model load, the result file); the bound is
     # loose so that a busy machine does not fail it
     assert ratio < 3.0, f"one cell through the matrix takes {ratio:.2f}x evaluating it directly"

@@ -2,8 +2,8 @@
 
 The stages follow the data:
 
-1. a *prepare* job, only if something must be built first (the world CLIP's pretraining, a
-   plugin's data such as the world's masked LM);
+1. a *prepare* job, only if something must be built first (a base model built on first use, a
+   plugin's data such as N:N's augmentation bank);
 2. one *training* job per defense that needs training, deduplicated by checkpoint key, after
    the prepare job;
 3. the *evaluation*, one job array per defense, after that defense's training: each task takes

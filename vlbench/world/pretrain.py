@@ -35,6 +35,7 @@ beside it, for the same reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -413,7 +414,6 @@ def world_checkpoint(config: PretrainConfig | None = None, force: bool = False,
 #: where the released world CLIP and MLM live, relative to the vlbench package folder
 RELEASED = "world/released"
 RELEASED_CLIP = f"{RELEASED}/world-clip.safetensors"
-RELEASED_MLM = f"{RELEASED}/world-mlm"
 #: the bar a pretraining must reach to be released (percent, on the test split)
 QUALITY_BAR = {"zero_shot_mean": 97.0, "i2t_R@1": 97.0, "t2i_R@1": 97.0}
 
@@ -439,10 +439,11 @@ def machine() -> dict[str, str]:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def release(folder: Path, command: str, progress: bool = True, force: bool = False) -> dict:
-    """Pretrain (or reuse from the cache) the default world CLIP and world MLM and write them to
-    ``folder`` as the shipped release; refuses a CLIP below :data:`QUALITY_BAR`. Returns the
-    CLIP's sidecar (its ``sha256`` goes into ``models.yaml``)."""
+def release(folder: Path, command: str, progress: bool = True, force: bool = False,
+            config: PretrainConfig | None = None, mlm_config=None) -> dict:
+    """Pretrain (or reuse from the cache) the world CLIP and world MLM (default configs unless
+    given) and write them to ``folder`` as the shipped release; refuses a CLIP below
+    :data:`QUALITY_BAR`. Returns the CLIP's sidecar (its ``sha256`` goes into ``models.yaml``)."""
     import hashlib
     import os
     import shutil
@@ -450,10 +451,10 @@ def release(folder: Path, command: str, progress: bool = True, force: bool = Fal
 
     from safetensors.torch import load_file
 
-    from attacks._mlm import MLM_WEIGHTS, release_manifest, world_mlm
     from vlbench.errors import UserError
+    from vlbench.world.mlm import MLM_WEIGHTS, RELEASED_MLM, release_manifest, world_mlm
 
-    config = PretrainConfig()
+    config = config or PretrainConfig()
     cached = world_checkpoint(config, force=force, progress=progress)
     state = load_file(str(cached))
     # floating tensors only: batch norm's step counter stays an integer
@@ -475,7 +476,7 @@ def release(folder: Path, command: str, progress: bool = True, force: bool = Fal
               "metrics_fp32": sidecar.get("metrics"), "metrics": {k: round(v, 2) for k, v in metrics.items()}}
     atomic_write_json(target.with_suffix(".json"), record)
 
-    trained = world_mlm(force=force, progress=progress)
+    trained = world_mlm(mlm_config, force=force, progress=progress)
     staging = Path(tempfile.mkdtemp(prefix=".world-mlm-", dir=folder))
     staging.chmod(0o755)
     for item in trained.iterdir():
@@ -494,21 +495,28 @@ class WorldWeights:
     """The world CLIP pretrained on this machine, as a model card build (``weights: {build:
     vlbench.world.pretrain:world_weights}`` in a config's ``models:``, to evaluate a rebuild
     beside the released ``world-clip``): pretrained with the default :class:`PretrainConfig`
-    at the run's precision on first use, then read from the cache."""
+    at the run's precision on first use, then read from the cache. Another config makes
+    another builder (``WorldWeights(PretrainConfig(steps=...))``)."""
 
     what = "world CLIP pretraining"
 
+    def __init__(self, config: PretrainConfig = PretrainConfig()):
+        self.base = config
+
+    def config(self, precision: str) -> PretrainConfig:
+        return dataclasses.replace(self.base, precision=precision)
+
     def key(self, precision: str) -> str:
-        return checkpoint_path(PretrainConfig(precision=precision)).stem
+        return checkpoint_path(self.config(precision)).stem
 
     def path(self, precision: str) -> Path:
-        return checkpoint_path(PretrainConfig(precision=precision))
+        return checkpoint_path(self.config(precision))
 
     def work(self, precision: str):
-        return pretrain_work(PretrainConfig(precision=precision))
+        return pretrain_work(self.config(precision))
 
     def build(self, precision: str, progress: bool) -> Path:
-        return world_checkpoint(PretrainConfig(precision=precision), progress=progress)
+        return world_checkpoint(self.config(precision), progress=progress)
 
 
 world_weights = WorldWeights()
