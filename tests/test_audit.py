@@ -144,6 +144,7 @@ checks:
 """
 
 
+@pytest.mark.slow
 def test_audit_flags_a_masking_defense_and_passes_the_undefended_model(tmp_path, capsys, world_checkpoint_path):
     config = tmp_path / "audit.yaml"
     config.write_text(QUICK_AUDIT)
@@ -169,6 +170,7 @@ def test_audit_flags_a_masking_defense_and_passes_the_undefended_model(tmp_path,
     assert "cells of" in (err := capsys.readouterr().err) and "are done" in err
 
 
+@pytest.mark.slow
 def test_checks_in_a_matrix_config_run_after_it(tmp_path, capsys, world_checkpoint_path):
     audit = tmp_path / "audit.yaml"
     audit.write_text(QUICK_AUDIT)
@@ -188,8 +190,8 @@ def test_checks_in_a_matrix_config_run_after_it(tmp_path, capsys, world_checkpoi
 @pytest.mark.heavy
 def test_tecoa_and_fare_pass_the_default_audit(tmp_path, monkeypatch):
     """The default audit (configs/audit.yaml, 100 samples) on the default matrix's tecoa and
-    fare, from a cold cache, on world-colour, where they keep the most robustness (committed
-    in results/world/audit with world-shape too): every check decided passes."""
+    fare, from a cold cache, on world-colour, where they keep the most robustness: every
+    check decided passes."""
     monkeypatch.setenv("VLBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     code = main(["audit", "tecoa,fare", "--datasets", "world-colour", "--out", str(out), "--no-progress"])

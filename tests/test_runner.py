@@ -102,6 +102,7 @@ def test_inapplicable_cells_are_skipped_with_a_reason(tmp_path, world_checkpoint
         api.attacks.unregister("classification-only-test")
 
 
+@pytest.mark.slow
 def test_sigkill_loses_no_finished_cell_and_leaves_no_partial_file(tmp_path, world_checkpoint_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "vlbench", "run", "matrix", "--pretrained", str(world_checkpoint_path),
@@ -314,6 +315,7 @@ def test_a_run_removes_only_the_temporary_files_of_dead_writers(tmp_path, world_
     assert len(cell_files(tmp_path / "out")) == 1
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_folder_train_a_defense_once(tmp_path, world_checkpoint_path):
     """Started together on one out dir and one cache: one process trains, the other waits
     and reuses its checkpoint; neither removes what the other is writing."""
