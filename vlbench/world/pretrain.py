@@ -452,7 +452,7 @@ def release(folder: Path, command: str, progress: bool = True, force: bool = Fal
     from safetensors.torch import load_file
 
     from vlbench.errors import UserError
-    from vlbench.world.mlm import MLM_WEIGHTS, RELEASED_MLM, release_manifest, world_mlm
+    from vlbench.world.mlm import MLM_RECORD, RELEASED_MLM, release_manifest, world_mlm
 
     config = config or PretrainConfig()
     cached = world_checkpoint(config, force=force, progress=progress)
@@ -482,12 +482,11 @@ def release(folder: Path, command: str, progress: bool = True, force: bool = Fal
     for item in trained.iterdir():
         shutil.copyfile(item, staging / item.name)
     manifest = release_manifest(staging)
-    atomic_write_json(staging / "vlbench.json", {**json.loads((trained / "vlbench.json").read_text()),
-                                                 "command": command, "machine": machine(), "sha256": manifest})
+    atomic_write_json(staging / MLM_RECORD, {**json.loads((trained / MLM_RECORD).read_text()),
+                                             "command": command, "machine": machine(), "sha256": manifest})
     mlm_folder = folder / Path(RELEASED_MLM).name
     shutil.rmtree(mlm_folder, ignore_errors=True)
     os.replace(staging, mlm_folder)
-    assert (mlm_folder / MLM_WEIGHTS).is_file()
     return record
 
 
