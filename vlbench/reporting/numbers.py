@@ -29,10 +29,10 @@ class Number:
     def of(cls, rows: pd.DataFrame, by_cell: dict[str, dict]) -> "Number":
         """The mean of ``rows`` (one metric, one cell per dataset and training seed)."""
         rows = rows.sort_values("dataset")  # so that two rows' groups pair dataset by dataset
-        seeds = rows["training_seed"] if "training_seed" in rows else pd.Series(np.nan, index=rows.index)
+        seeds = (rows["training_seed"] if "training_seed" in rows else pd.Series(np.nan, index=rows.index)).fillna(-1)
         runs: list[list[np.ndarray]] | None = []
         ids = None
-        for _, part in rows.groupby(seeds.fillna(-1), sort=True):
+        for _, part in rows.groupby(seeds, sort=True):
             groups, names = [], []
             for cell, metric, dataset in zip(part["cell"], part["metric"], part["dataset"]):
                 found = statistics.outcomes(by_cell[cell], metric)
@@ -48,14 +48,9 @@ class Number:
             runs = None  # a seed without recorded outcomes, or on other queries: no interval
             break
         metric = rows["metric"].iloc[0]
-        value = float(rows.groupby(seeds.fillna(-1))["value"].mean().mean())
+        value = float(rows.groupby(seeds)["value"].mean().mean())
         return cls(value, metric, tuple(rows["cell"]), runs, None if runs is None else ids,
                    exact=rows["dataset"].nunique() == 1 and metric.endswith("top1"))
-
-    @property
-    def seeds(self) -> int:
-        """How many trainings the number averages."""
-        return 1 if self.runs is None else len(self.runs)
 
     @cached_property
     def half_width(self) -> float | None:

@@ -291,7 +291,12 @@ class Cell:
     def row(self) -> str:
         """The trained model this cell evaluates: its label, and its seed where a row trains
         with several (what trainings, claims and evaluation groups are keyed by)."""
-        return f"{self.defense_label}@seed{self.training_seed}" if self.seeded else self.defense_label
+        return row_name(self.defense_label, self.training_seed, self.seeded)
+
+
+def row_name(label: str, training_seed: int | None, seeded: bool) -> str:
+    """A defense row's label, with ``@seedN`` where the config trains it with several seeds."""
+    return f"{label}@seed{training_seed}" if seeded else label
 
 
 @dataclass
@@ -349,7 +354,8 @@ def make_plan(cfg: MatrixConfig) -> Plan:
     cells, skipped = [], []
     out = Path(cfg.out)
     for (d_label, defense), model, training_seed in zip(defenses, models, seeds):
-        row = d_label if cfg.training_seeds is None or training_seed is None else f"{d_label}-seed{training_seed}"
+        seeded = cfg.training_seeds is not None and training_seed is not None
+        row = row_name(d_label, training_seed, seeded)
         for a_label, attack in attacks:
             for name, spec in specs.items():
                 reason = attack.skip_reason(spec.task)
@@ -366,8 +372,7 @@ def make_plan(cfg: MatrixConfig) -> Plan:
                 digest = stable_hash(config, 10)
                 cell_id = f"{_safe(row)}__{_safe(a_label)}__{_safe(name)}__{digest}"
                 cells.append(Cell(defense, d_label, model, attack, a_label, name, spec.task, config, cell_id,
-                                  out / "cells" / f"{cell_id}.json", training_seed,
-                                  cfg.training_seeds is not None and training_seed is not None))
+                                  out / "cells" / f"{cell_id}.json", training_seed, seeded))
     return Plan(cells, skipped)
 
 
